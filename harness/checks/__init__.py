@@ -1,0 +1,1 @@
+"""Pure check logic: measurements in, verdicts out. No pytest, no process management."""

@@ -1,0 +1,232 @@
+"""Config parsing: every HF config key must reach the backend with the same meaning.
+
+Each HF key ends up in exactly one state:
+  mapped    - the template maps it and the backend holds the same semantic value
+  derived   - not mapped, but the backend derives the same value by itself (head_dim)
+  inactive  - the feature is off in this config (use_sliding_window: false)
+  ignored   - on the harness's curated list of keys that never change the math
+  waived    - the spec waives it, with a reason
+  mismatch  - the backend holds a different value            -> fails
+  unmapped  - nothing maps it (even if a default coincides)  -> fails
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..verdict import Verdict, from_problems
+
+# key -> why it never changes a model's forward/backward math
+IGNORED_KEYS: dict[str, str] = {
+    "transformers_version": "provenance only",
+    "architectures": "class selection, checked by the HF suite",
+    "model_type": "checked against the template's hf_model_type separately",
+    "_name_or_path": "provenance only",
+    "name_or_path": "provenance only",
+    "dtype": "storage dtype; every check sets its dtype explicitly",
+    "torch_dtype": "storage dtype; every check sets its dtype explicitly",
+    "output_hidden_states": "output plumbing, not math",
+    "output_attentions": "output plumbing, not math",
+    "return_dict": "output plumbing, not math",
+    "use_return_dict": "output plumbing, not math",
+    "chunk_size_feed_forward": "HF memory-saving loop, same math",
+    "is_encoder_decoder": "decoder-only models only",
+    "id2label": "classification heads only",
+    "label2id": "classification heads only",
+    "problem_type": "classification heads only",
+    "initializer_range": "only used to initialise new weights",
+    "use_cache": "inference KV-cache toggle",
+    "pad_token_id": "tokenizer/generation setting, not forward math",
+    "bos_token_id": "tokenizer/generation setting, not forward math",
+    "eos_token_id": "tokenizer/generation setting, not forward math",
+    "tokenizer_class": "tokenizer only",
+    "auto_map": "remote-code class lookup, checked by the HF suite",
+    "tie_encoder_decoder": "encoder-decoder models only",
+}
+
+
+def _act_name(value: Any) -> str:
+    aliases = {"swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu2": "squared_relu"}
+    name = str(getattr(value, "__name__", value))
+    return aliases.get(name, name)
+
+
+def _rope(cfg: dict) -> dict | None:
+    params = cfg.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        return None
+    theta = params.get("rope_theta", cfg.get("rope_theta"))
+    return {
+        "rope_theta": float(theta) if theta is not None else None,
+        "rope_type": params.get("rope_type", "default"),
+        "partial_rotary_factor": float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))),
+    }
+
+
+def _mca_rope(b: dict) -> dict:
+    gpt, tc = b["gpt"], b["tc"]
+    return {
+        "rope_theta": float(gpt["rotary_base"]) if gpt["position_embedding_type"] == "rope" else None,
+        "rope_type": "llama3" if gpt.get("rope_scaling") else "default",
+        "partial_rotary_factor": float(gpt["rotary_percent"]),
+    }
+
+
+@dataclass(frozen=True)
+class Rule:
+    mapped_by: frozenset[str]
+    hf: Callable[[dict], Any]
+    backend: Callable[[dict], Any]
+    derivable: bool = False
+    inactive: Callable[[dict], bool] = lambda cfg: False
+
+
+def _field(name: str) -> Callable[[dict], Any]:
+    return lambda cfg: cfg.get(name)
+
+
+def _tc(name: str) -> Callable[[dict], Any]:
+    return lambda b: b["tc"].get(name)
+
+
+def _gpt(name: str) -> Callable[[dict], Any]:
+    return lambda b: b["gpt"].get(name)
+
+
+def _heads(cfg: dict) -> int:
+    return cfg["num_attention_heads"]
+
+
+_SLIDING_OFF = lambda cfg: not cfg.get("use_sliding_window")  # noqa: E731
+
+# Megatron-core semantics of HF keys. `built` = {"tc": TransformerConfig values, "gpt": GPTModel kwargs}.
+MEGATRON_RULES: dict[str, Rule] = {
+    "vocab_size": Rule(frozenset({"padded_vocab_size"}), _field("vocab_size"), _gpt("vocab_size")),
+    "hidden_size": Rule(frozenset({"hidden_size"}), _field("hidden_size"), _tc("hidden_size")),
+    "intermediate_size": Rule(frozenset({"ffn_hidden_size"}), _field("intermediate_size"), _tc("ffn_hidden_size")),
+    "num_hidden_layers": Rule(frozenset({"num_layers"}), _field("num_hidden_layers"), _tc("num_layers")),
+    "num_attention_heads": Rule(frozenset({"num_attention_heads"}), _field("num_attention_heads"),
+                                _tc("num_attention_heads")),
+    "num_key_value_heads": Rule(frozenset({"num_query_groups"}),
+                                lambda cfg: cfg.get("num_key_value_heads") or _heads(cfg), _tc("num_query_groups")),
+    "head_dim": Rule(frozenset({"kv_channels"}),
+                     lambda cfg: cfg.get("head_dim") or cfg["hidden_size"] // _heads(cfg), _tc("kv_channels"),
+                     derivable=True),
+    "max_position_embeddings": Rule(frozenset({"max_sequence_length"}), _field("max_position_embeddings"),
+                                    _gpt("max_sequence_length")),
+    "rms_norm_eps": Rule(frozenset({"layernorm_epsilon", "norm_epsilon"}),
+                         lambda cfg: ["RMSNorm", float(cfg["rms_norm_eps"])],
+                         lambda b: [b["tc"]["normalization"], float(b["tc"]["layernorm_epsilon"])]),
+    "layer_norm_eps": Rule(frozenset({"layernorm_epsilon", "norm_epsilon"}),
+                           lambda cfg: ["LayerNorm", float(cfg["layer_norm_eps"])],
+                           lambda b: [b["tc"]["normalization"], float(b["tc"]["layernorm_epsilon"])]),
+    "hidden_act": Rule(frozenset({"swiglu", "squared_relu", "activation_func"}),
+                       lambda cfg: _act_name(cfg["hidden_act"]), lambda b: _act_name(b["tc"]["activation_func"])),
+    "attention_dropout": Rule(frozenset({"attention_dropout"}), lambda cfg: float(cfg["attention_dropout"]),
+                              lambda b: float(b["tc"]["attention_dropout"])),
+    "attention_bias": Rule(frozenset({"add_qkv_bias"}), _field("attention_bias"), _tc("add_qkv_bias")),
+    "mlp_bias": Rule(frozenset({"add_bias_linear"}), _field("mlp_bias"), _tc("add_bias_linear")),
+    "tie_word_embeddings": Rule(frozenset({"tie_embeddings_and_output_weights", "untie_embeddings_and_output_weights"}),
+                                lambda cfg: bool(cfg["tie_word_embeddings"]),
+                                _gpt("share_embeddings_and_output_weights")),
+    "rope_parameters": Rule(frozenset({"rotary_base", "rope_parameters", "rotary_percent", "rotary_scaling"}),
+                            _rope, _mca_rope),
+    "rope_theta": Rule(frozenset({"rotary_base", "rope_parameters"}),
+                       lambda cfg: float(cfg["rope_theta"]), lambda b: float(b["gpt"]["rotary_base"])),
+    "rope_scaling": Rule(frozenset({"rotary_scaling"}), _field("rope_scaling"), _gpt("rope_scaling"),
+                         inactive=lambda cfg: not cfg.get("rope_scaling")),
+    "use_sliding_window": Rule(frozenset({"window_size"}), _field("use_sliding_window"),
+                               lambda b: b["tc"].get("window_size") is not None, inactive=_SLIDING_OFF),
+    "sliding_window": Rule(frozenset({"window_size"}), _field("sliding_window"), _tc("window_size"),
+                           inactive=_SLIDING_OFF),
+    "max_window_layers": Rule(frozenset({"window_attn_skip_freq"}), _field("max_window_layers"),
+                              _tc("window_attn_skip_freq"), inactive=_SLIDING_OFF),
+    "layer_types": Rule(frozenset({"window_size", "window_attn_skip_freq"}), _field("layer_types"),
+                        lambda b: None,
+                        inactive=lambda cfg: all(t == "full_attention" for t in cfg.get("layer_types") or [])),
+    "pretraining_tp": Rule(frozenset(), _field("pretraining_tp"), lambda b: 1,
+                           inactive=lambda cfg: cfg.get("pretraining_tp", 1) == 1),
+}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b or (a == b and type(a) is type(b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)
+    return a == b
+
+
+def measure(hf_config: dict, template_kwargs: dict, absent_hf_keys: list[str], config_hf_to_mca: dict[str, str],
+            built: dict, rules: dict[str, Rule] = MEGATRON_RULES) -> dict[str, Any]:
+    """Per-key table of how each HF config key reaches the backend (before waivers)."""
+    table: dict[str, dict[str, Any]] = {}
+    for key in sorted(hf_config):
+        row: dict[str, Any] = {"hf": _jsonable(hf_config[key])}
+        if key in IGNORED_KEYS:
+            row.update(state="ignored", why=IGNORED_KEYS[key])
+        elif key in rules:
+            rule = rules[key]
+            if rule.inactive(hf_config):
+                row.update(state="inactive")
+            else:
+                hf_value, backend_value = rule.hf(hf_config), rule.backend(built)
+                mapped = any(m in template_kwargs for m in rule.mapped_by)
+                row.update(hf=_jsonable(hf_value), backend=_jsonable(backend_value))
+                if not _same(hf_value, backend_value):
+                    row["state"] = "mismatch"
+                elif mapped:
+                    row["state"] = "mapped"
+                else:
+                    row["state"] = "derived" if rule.derivable else "unmapped"
+        elif key in config_hf_to_mca:
+            target = config_hf_to_mca[key]
+            backend_value = built["tc"].get(target, built["gpt"].get(target, template_kwargs.get(target)))
+            row.update(backend=_jsonable(backend_value),
+                       state="mapped" if _same(hf_config[key], backend_value) else "mismatch")
+        else:
+            row["state"] = "unmapped"
+        table[key] = row
+    return {
+        "keys": table,
+        "template_reads_absent_keys": sorted(absent_hf_keys),
+        "unknown_backend_keys": sorted(built.get("unknown_keys", [])),
+        "model_type": hf_config.get("model_type"),
+    }
+
+
+def judge(measurement: dict, waivers: dict[str, str], template_model_type: str) -> Verdict:
+    problems: list[str] = []
+    counts: dict[str, int] = {}
+    for key, row in measurement["keys"].items():
+        state = row["state"]
+        if key in waivers and state in ("unmapped", "mismatch"):
+            row.update(state="waived", why=waivers[key])
+            state = "waived"
+        counts[state] = counts.get(state, 0) + 1
+        if state == "unmapped":
+            problems.append(f"{key} is not mapped (hf={row['hf']!r}" +
+                            (f", backend={row['backend']!r})" if "backend" in row else ")"))
+        elif state == "mismatch":
+            problems.append(f"{key}: hf={row['hf']!r} but backend={row['backend']!r}")
+    for key in measurement["unknown_backend_keys"]:
+        problems.append(f"template sets {key!r}, which the backend does not read")
+    model_type = measurement.get("model_type")
+    if model_type and model_type != template_model_type:
+        problems.append(f"config model_type {model_type!r} != template hf_model_type {template_model_type!r}")
+    metrics = {"counts": counts, **measurement}
+    return from_problems(problems, metrics, {"unmapped": 0, "mismatch": 0}, what="config keys wrong")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(getattr(value, "__name__", value))

@@ -1,0 +1,250 @@
+"""Templates: ROLL-compatible declarations that convert a whole model both ways.
+
+`register_template` has ROLL mcore_adapter's signature. A Converter streams
+tensors one at a time (so a CLI can convert without holding the model) and
+records which op consumed every tensor, so that unconsumed, doubly consumed
+and half-fed tensors are named instead of silently dropped.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+
+from .mca_config import McaConfigView
+from .ops import ConverOp, StackedTensors, name_pattern
+
+MCA_LAYER_PREFIX = "decoder.layers."
+
+
+@dataclass
+class Template:
+    hf_model_type: str
+    hf_layer_prefix: str
+    config_hf_to_mca: dict[str, str]
+    weight_converters: list[ConverOp]
+    constant_mca_config: dict[str, Any] = field(default_factory=dict)
+    constant_hf_config: dict[str, Any] = field(default_factory=dict)
+    hf_invalid_keys: list[str] = field(default_factory=list)
+    config_mca_to_hf: dict[str, str] | None = None
+    hf_moe_prefix: str | None = None
+    source: str = ""  # module that registered it, for messages
+
+    def __post_init__(self):
+        self.config_hf_to_mca = self.adjust_config_hf_to_mca()
+        if self.config_mca_to_hf is None:
+            self.config_mca_to_hf = {v: k for k, v in self.config_hf_to_mca.items()}
+
+    def adjust_config_hf_to_mca(self) -> dict[str, str]:
+        """Hook kept from ROLL: subclasses rewrite the mapping (e.g. nest keys under text_config)."""
+        return self.config_hf_to_mca
+
+    # ---- config ----
+    def mca_config_kwargs(self, hf_config) -> tuple[dict[str, Any], list[str]]:
+        """ROLL semantics: read each mapped HF attribute (dotted paths allowed); absent ones are skipped.
+
+        Returns the kwargs and the HF keys the template asked for but the config lacks.
+        """
+        kwargs: dict[str, Any] = {}
+        absent: list[str] = []
+        for hf_key, mca_key in self.config_hf_to_mca.items():
+            value, found = hf_config, True
+            for part in hf_key.split("."):
+                if isinstance(value, dict) and part in value:
+                    value = value[part]
+                elif not isinstance(value, dict) and hasattr(value, part):
+                    value = getattr(value, part)
+                else:
+                    found = False
+                    break
+            if found:
+                kwargs[mca_key] = value
+            else:
+                absent.append(hf_key)
+        kwargs.update(self.constant_mca_config)
+        return kwargs, absent
+
+    def mca_config(self, hf_config) -> McaConfigView:
+        return McaConfigView(self.mca_config_kwargs(hf_config)[0])
+
+    def hf_config_values(self, mca_config: McaConfigView) -> dict[str, Any]:
+        """Reverse direction: HF config values recovered from the Megatron config."""
+        values = {}
+        for mca_key, hf_key in self.config_mca_to_hf.items():
+            if mca_key in mca_config.as_dict():
+                values[hf_key] = mca_config.get(mca_key)
+        values.update(self.constant_hf_config)
+        return values
+
+    # ---- weights ----
+    def converter(self, mca_config: McaConfigView, to_mca: bool = True) -> "Converter":
+        return Converter(self, mca_config, to_mca)
+
+    def hf_to_mca(self, state_dict: dict[str, torch.Tensor], mca_config: McaConfigView):
+        return self.converter(mca_config, True).run(state_dict.items())
+
+    def mca_to_hf(self, state_dict: dict[str, torch.Tensor], mca_config: McaConfigView):
+        return self.converter(mca_config, False).run(state_dict.items())
+
+
+@dataclass
+class ConversionReport:
+    consumed_by: dict[str, str] = field(default_factory=dict)
+    unconsumed: dict[str, str] = field(default_factory=dict)
+    multiply_consumed: dict[str, list[str]] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+    duplicate_outputs: list[str] = field(default_factory=list)
+    stacked: dict[str, tuple[int, int]] = field(default_factory=dict)  # output name -> (parts, dim)
+
+    def problems(self) -> list[str]:
+        out = [f"{n}: {why}" for n, why in sorted(self.unconsumed.items())]
+        out += [f"{n}: consumed by {len(ops)} ops ({'; '.join(ops)})" for n, ops in sorted(self.multiply_consumed.items())]
+        out += [f"{n}: produced more than once" for n in sorted(self.duplicate_outputs)]
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "unconsumed": dict(sorted(self.unconsumed.items())),
+            "multiply_consumed": dict(sorted(self.multiply_consumed.items())),
+            "dropped": sorted(self.dropped),
+            "duplicate_outputs": sorted(self.duplicate_outputs),
+            "consumed": len(self.consumed_by),
+        }
+
+
+class Converter:
+    """Streams tensors through a template in one direction."""
+
+    def __init__(self, template: Template, mca_config: McaConfigView, to_mca: bool):
+        self.template = template
+        self.to_mca = to_mca
+        self.report = ConversionReport()
+        self._pending: dict[tuple, dict[str, tuple[str, torch.Tensor]]] = {}
+        self._emitted: set[str] = set()
+        for op in template.weight_converters:
+            op.mca_config = mca_config
+        src_prefix, dst_prefix = (template.hf_layer_prefix, MCA_LAYER_PREFIX)
+        if not to_mca:
+            src_prefix, dst_prefix = dst_prefix, src_prefix
+        self._src_prefix, self._dst_prefix = src_prefix, dst_prefix
+        self._layer_re = re.compile("^(" + re.escape(src_prefix) + r"\d+)(\..*)$")
+        self._invalid = [name_pattern(k) for k in template.hf_invalid_keys] if to_mca else []
+
+    def _split(self, name: str) -> tuple[str, str]:
+        m = self._layer_re.match(name)
+        return (m.group(1), m.group(2)) if m else ("", name)
+
+    def _sources(self, op: ConverOp) -> list[str]:
+        return op.hf_names if self.to_mca else op.mca_names
+
+    def _targets(self, op: ConverOp) -> list[str]:
+        return op.mca_names if self.to_mca else op.hf_names
+
+    def add(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Feed one tensor; returns the tensors completed by it (often none)."""
+        prefix, local = self._split(name)
+        if any(p.match(local) for p in self._invalid):
+            self.report.dropped.append(name)
+            return {}
+        matches = []
+        for op in self.template.weight_converters:
+            for source in self._sources(op):
+                m = name_pattern(source).match(local)
+                if m:
+                    matches.append((op, source, m.groups()))
+                    break
+        if not matches:
+            side = "HF" if self.to_mca else "Megatron"
+            self.report.unconsumed[name] = f"no converter op takes this {side} tensor"
+            return {}
+        if len(matches) > 1:
+            self.report.multiply_consumed[name] = [op.describe() for op, _, _ in matches]
+        op, source, captures = matches[0]
+        self.report.consumed_by[name] = op.describe()
+        key = (prefix, id(op), captures)
+        group = self._pending.setdefault(key, {})
+        if source in group:
+            self.report.multiply_consumed.setdefault(name, []).append(f"{op.describe()} received it twice")
+        group[source] = (name, tensor)
+        if len(group) < len(self._sources(op)):
+            return {}
+        del self._pending[key]
+        weights = [group[s][1] for s in self._sources(op)]
+        out = op._hf_to_mca(weights) if self.to_mca else op._mca_to_hf(weights)
+        outputs = out if isinstance(out, (list, tuple)) else [out]
+        targets = self._targets(op)
+        if len(outputs) != len(targets):
+            raise ValueError(f"{op.describe()} returned {len(outputs)} tensors for {len(targets)} names")
+        dst_prefix = prefix.replace(self._src_prefix, self._dst_prefix, 1) if prefix else ""
+        produced = {}
+        for target, tensor_out in zip(targets, outputs):
+            out_name = dst_prefix + _fill(target, captures)
+            if isinstance(tensor_out, StackedTensors):
+                self.report.stacked[out_name] = (len(tensor_out.tensors), tensor_out.dim)
+                tensor_out = tensor_out.materialize()
+            if out_name in self._emitted or out_name in produced:
+                self.report.duplicate_outputs.append(out_name)
+            produced[out_name] = tensor_out
+        self._emitted.update(produced)
+        return produced
+
+    def finish(self) -> ConversionReport:
+        for (prefix, _, _), group in self._pending.items():
+            op = next(o for o in self.template.weight_converters if any(s in group for s in self._sources(o)))
+            missing = [s for s in self._sources(op) if s not in group]
+            for name, _ in group.values():
+                self.report.unconsumed[name] = f"{op.describe()} never received {', '.join(missing)}"
+        self._pending.clear()
+        return self.report
+
+    def run(self, items: Iterable[tuple[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], ConversionReport]:
+        out: dict[str, torch.Tensor] = {}
+        for name, tensor in items:
+            out.update(self.add(name, tensor))
+        return out, self.finish()
+
+
+def _fill(name: str, captures: tuple) -> str:
+    for value in captures:
+        name = name.replace("{}", value, 1)
+    return name
+
+
+# ---- registry (ROLL's module-level `templates` dict) ----
+templates: dict[str, Template] = {}
+
+
+def register_template(
+    hf_model_type,
+    config_hf_to_mca,
+    weight_converters,
+    hf_layer_prefix,
+    hf_invalid_keys=[],  # noqa: B006 - ROLL's signature, never mutated
+    template_class=Template,
+    constant_mca_config={},  # noqa: B006
+    constant_hf_config={},  # noqa: B006
+    **kwargs,
+):
+    import inspect
+
+    caller = inspect.stack()[1].filename
+    kwargs.setdefault("source", caller)
+    templates[hf_model_type] = template_class(
+        hf_model_type=hf_model_type,
+        hf_layer_prefix=hf_layer_prefix,
+        hf_invalid_keys=list(hf_invalid_keys),
+        config_hf_to_mca=dict(config_hf_to_mca),
+        constant_mca_config=dict(constant_mca_config),
+        constant_hf_config=dict(constant_hf_config),
+        weight_converters=list(weight_converters),
+        **kwargs,
+    )
+    return templates[hf_model_type]
+
+
+def get_template(name: str) -> Template:
+    if name not in templates:
+        raise KeyError(f"no template {name!r} registered (known: {', '.join(sorted(templates)) or 'none'})")
+    return templates[name]

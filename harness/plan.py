@@ -1,0 +1,68 @@
+"""Spec -> planned checks with stable ids (model/suite/backend[/variant][/dtype][/layout]).
+
+The plan lists every check a spec implies, including those whose backend
+module does not exist yet or cannot run here: the certificate reports those
+as not_run with the reason instead of leaving them out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .spec import Spec
+
+# suite -> variants that do not depend on dtype, and those that do
+SUITE_VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "config": (("",), ()),
+    "roundtrip": (("consumption", "names-shapes"), ("bit-exact",)),
+    "hf": ((), ("load", "save-load")),
+    "logits": ((), ("",)),
+    "train": ((), ("",)),
+}
+# which suites each backend takes part in, and whether they run per parallel layout
+BACKEND_SUITES: dict[str, tuple[str, ...]] = {
+    "hf": ("hf",),
+    "megatron": ("config", "roundtrip", "logits", "train"),
+    "deepspeed": ("train",),
+    "vllm": ("config", "logits"),
+    "sglang": ("logits",),
+    "lmdeploy": ("config", "logits"),
+}
+PER_LAYOUT = {("megatron", "logits"), ("megatron", "train")}
+
+
+@dataclass(frozen=True)
+class PlannedCheck:
+    model: str
+    suite: str
+    backend: str
+    variant: str = ""
+    dtype: str = ""
+    layout: str = ""
+
+    @property
+    def id(self) -> str:
+        parts = [self.model, self.suite, self.backend, self.variant, self.dtype, self.layout]
+        return "/".join(p for p in parts if p)
+
+    @property
+    def short_id(self) -> str:
+        """The id without the model, for pytest node ids under a model."""
+        return self.id.split("/", 1)[1]
+
+
+def build_plan(spec: Spec, backends: list[str] | None = None, dtypes: list[str] | None = None) -> list[PlannedCheck]:
+    chosen_dtypes = [d for d in spec.dtypes if not dtypes or d in dtypes]
+    plan: list[PlannedCheck] = []
+    for backend in spec.all_backends:
+        if backends and backend not in backends:
+            continue
+        for suite in BACKEND_SUITES[backend]:
+            agnostic, per_dtype = SUITE_VARIANTS[suite]
+            layouts = [lay.id for lay in spec.parallel] if (backend, suite) in PER_LAYOUT else [""]
+            for variant in agnostic:
+                plan.append(PlannedCheck(spec.name, suite, backend, variant))
+            for variant in per_dtype:
+                for dtype in chosen_dtypes:
+                    for layout in layouts:
+                        plan.append(PlannedCheck(spec.name, suite, backend, variant, dtype, layout))
+    return plan

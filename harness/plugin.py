@@ -1,0 +1,168 @@
+"""pytest plugin (entry point `pytest11: certify`): options and hooks only; the work is in harness.session."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .errors import SpecError
+from .spec import SPECS_DIR, check_unique_names, known_model_names, load_spec, spec_path_for
+from .tolerances import DTYPES
+
+SESSION_KEY = pytest.StashKey["CertifySession"]()
+SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("certify", "model certification (harness)")
+    group.addoption("--model", action="append", default=[], metavar="NAME",
+                    help="certify model_specs/NAME.yaml (repeatable, or a comma list)")
+    group.addoption("--model-spec", action="append", default=[], metavar="PATH",
+                    help="certify the spec at PATH (repeatable); its plugins resolve relative to it")
+    group.addoption("--backend", action="append", default=[], metavar="NAME",
+                    help="only check these backends (repeatable, or a comma list)")
+    group.addoption("--dtype", action="append", default=[], metavar="DTYPE",
+                    help="float32 or bfloat16 (default: every dtype the spec lists)")
+    group.addoption("--report-dir", default="reports", metavar="DIR", help="where certificates go (default: reports/)")
+    group.addoption("--list-models", action="store_true", help="list the models in model_specs/ and exit")
+
+
+def _split(values: list[str]) -> list[str]:
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def _load_session(config: pytest.Config):
+    from .backends import ALL_BACKENDS
+    from .session import CertifySession
+    from .spec_plugins import validate_environment
+
+    names, paths = _split(config.option.model), _split(config.option.model_spec)
+    backends, dtypes = _split(config.option.backend), _split(config.option.dtype)
+    for backend in backends:
+        if backend not in ALL_BACKENDS:
+            raise SpecError("--backend", backend, f"unknown backend (known: {', '.join(ALL_BACKENDS)})")
+    for dtype in dtypes:
+        if dtype not in DTYPES:
+            raise SpecError("--dtype", dtype, f"unknown dtype (known: {', '.join(DTYPES)})")
+    specs = [load_spec(spec_path_for(name)) for name in names] + [load_spec(path) for path in paths]
+    check_unique_names(specs)
+    for spec in specs:
+        validate_environment(spec)
+    return CertifySession(specs, backends, dtypes, config.option.report_dir)
+
+
+def pytest_cmdline_main(config: pytest.Config):
+    if config.option.list_models:
+        for name in known_model_names():
+            try:
+                spec = load_spec(SPECS_DIR / f"{name}.yaml")
+                print(f"{name:16} {spec.hf_model_type:16} {', '.join(spec.all_backends)}")
+            except SpecError as exc:
+                print(f"{name:16} INVALID: {exc.one_line()}")
+        return 0
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "certify_suite(name): a conformance suite module run by the harness")
+    if not (config.option.model or config.option.model_spec):
+        return
+    try:
+        session = _load_session(config)
+    except SpecError as exc:
+        raise pytest.UsageError(exc.one_line()) from None
+    config.stash[SESSION_KEY] = session
+    if config.args_source != pytest.Config.ArgsSource.ARGS:
+        config.args[:] = [str(SUITES_DIR)]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    suite = getattr(metafunc.module, "SUITE", None)
+    if suite is None or "check" not in metafunc.fixturenames:
+        return
+    session = metafunc.config.stash.get(SESSION_KEY, None)
+    checks = session.checks_for(suite) if session else []
+    metafunc.parametrize("check", checks, ids=[c.id for c in checks])
+
+
+@pytest.fixture(scope="session")
+def certify(request: pytest.FixtureRequest):
+    session = request.config.stash.get(SESSION_KEY, None)
+    if session is None:
+        pytest.skip("no model selected (use --model NAME or --model-spec PATH)")
+    return session
+
+
+@pytest.fixture(autouse=True)
+def _certify_gate(request: pytest.FixtureRequest):
+    """Checks whose backend cannot run here are recorded not_run with the reason before the body runs."""
+    callspec = getattr(request.node, "callspec", None)
+    check = callspec.params.get("check") if callspec else None
+    session = request.config.stash.get(SESSION_KEY, None)
+    if check is None or session is None:
+        return
+    reason = session.unavailable(check)
+    if reason:
+        from .verdict import Verdict
+
+        conclude(request, session, check, Verdict("not_run", reason))
+
+
+def conclude(request: pytest.FixtureRequest, session, check, verdict, seconds: float = 0.0) -> None:
+    """Attach the certificate row to the test report (it survives xdist) and set the pytest outcome."""
+    row = session.row(check, verdict, seconds)
+    request.node.user_properties.append(("certify_row", json.dumps({"model": check.model, "row": row,
+                                                                      "versions": session.versions},
+                                                                     default=str)))
+    if verdict.status == "passed":
+        return
+    if verdict.status == "not_run":
+        pytest.skip(f"not run: {verdict.reason}")
+    pytest.fail(f"{check.id} {verdict.status}: {verdict.reason}", pytrace=False)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for key, value in report.user_properties:
+        if key == "certify_row":
+            session = _controller_session(report)
+            if session is not None:
+                data = json.loads(value)
+                session.add_result(data["model"], data["row"], data["versions"])
+
+
+_CONFIG: list[pytest.Config] = []
+
+
+def _controller_session(report):
+    return _CONFIG[0].stash.get(SESSION_KEY, None) if _CONFIG else None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _CONFIG[:] = [session.config]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    certify_session = session.config.stash.get(SESSION_KEY, None)
+    if certify_session is None:
+        return
+    certify_session.close()
+    if hasattr(session.config, "workerinput"):
+        return  # xdist worker: the controller writes the certificates
+    certify_session.written = certify_session.write_certificates()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    certify_session = config.stash.get(SESSION_KEY, None)
+    written = getattr(certify_session, "written", None)
+    if not written:
+        return
+    terminalreporter.section("certification")
+    for name, cert in certify_session.certificates().items():
+        counts: dict[str, int] = {}
+        for check in cert["checks"]:
+            counts[check["status"]] = counts.get(check["status"], 0) + 1
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        terminalreporter.write_line(f"{name}: {cert['verdict'].upper()} ({summary}) -> {written[name]}/certificate.json")

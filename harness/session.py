@@ -1,0 +1,119 @@
+"""One certification run: specs, their plans, backend workers, and the results they produce.
+
+Plain Python (no pytest imports) so it can be driven and tested directly; the
+pytest plugin is a thin adapter over it.
+"""
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import certificate
+from .backends import backend_class, package_versions
+from .errors import WorkerError
+from .plan import PlannedCheck, build_plan
+from .spec import SPECS_DIR, Spec
+from .tolerances import resolve
+from .verdict import Verdict
+from .workers import WorkerPool
+
+
+class CertifySession:
+    def __init__(self, specs: list[Spec], backends: list[str] | None = None, dtypes: list[str] | None = None,
+                 report_dir: str | Path = "reports"):
+        self.specs = {spec.name: spec for spec in specs}
+        self.backends, self.dtypes = backends or [], dtypes or []
+        self.plans = {spec.name: build_plan(spec, self.backends, self.dtypes) for spec in specs}
+        self.report_dir = Path(report_dir)
+        self.pool = WorkerPool()
+        self.results: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in self.specs}
+        self.versions = package_versions()
+        self._memo: dict[str, Any] = {}
+
+    # ---- planning ----
+    def checks_for(self, suite: str) -> list[PlannedCheck]:
+        return [c for plan in self.plans.values() for c in plan if c.suite == suite]
+
+    def unavailable(self, check: PlannedCheck) -> str | None:
+        cls = backend_class(check.backend)
+        if cls is None:
+            return f"no {check.backend!r} backend module in this harness version yet"
+        if check.suite not in cls.suites:
+            return f"the {check.backend!r} backend does not implement the {check.suite!r} suite yet"
+        return cls.unavailable()
+
+    # ---- running ----
+    def call(self, model: str, backend: str, op: str, **args: Any) -> dict[str, Any]:
+        """A worker operation, memoised for the session (several checks judge one measurement)."""
+        key = json.dumps([model, backend, op, args], sort_keys=True, default=str)
+        if key not in self._memo:
+            spec = self.specs[model]
+            worker = self.pool.get(backend, str(spec.source) if spec.source else None)
+            self.versions.update(worker.versions)
+            try:
+                self._memo[key] = ("ok", worker.call(op, args, timeout=spec.worker_timeout_s))
+            except WorkerError as exc:
+                self._memo[key] = ("error", exc)
+        status, value = self._memo[key]
+        if status == "error":
+            raise value
+        return value
+
+    def reference_dir(self, model: str, dtype: str) -> str:
+        ref = self.specs[model].reference
+        path = str(self.specs[model].resolve_relative(ref.path)) if ref.path else None
+        return self.call(model, "hf", "materialize", model_type=self.specs[model].hf_model_type,
+                         overrides=ref.config, seed=ref.seed, dtype=dtype, path=path)["dir"]
+
+    def tolerance(self, check: PlannedCheck, metrics: list[str]) -> dict[str, float]:
+        return resolve(check.dtype or "float32", self.specs[check.model].tolerances, metrics)
+
+    @contextmanager
+    def judging(self, check: PlannedCheck) -> Iterator[dict[str, Verdict]]:
+        """Run a check body; worker failures and exceptions become an `error` verdict, never a pass."""
+        box: dict[str, Verdict] = {}
+        started = time.monotonic()
+        try:
+            yield box
+        except WorkerError as exc:
+            box["verdict"] = Verdict("error", f"{exc}\n{exc.stderr_tail[-1500:]}".strip())
+        except Exception as exc:  # noqa: BLE001 - a crash in a check is reported, not hidden
+            box["verdict"] = Verdict("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-1500:]}")
+        box.setdefault("verdict", Verdict("error", "check body produced no verdict"))
+        box["seconds"] = round(time.monotonic() - started, 3)
+
+    def row(self, check: PlannedCheck, verdict: Verdict, seconds: float = 0.0) -> dict[str, Any]:
+        return {"id": check.id, "suite": check.suite, "backend": check.backend, "variant": check.variant,
+                "dtype": check.dtype, "layout": check.layout, "seconds": seconds, **verdict.as_dict()}
+
+    def add_result(self, model: str, row: dict[str, Any], versions: dict[str, str] | None = None) -> None:
+        self.results.setdefault(model, {})[row["id"]] = row
+        if versions:
+            self.versions.update(versions)
+
+    # ---- finishing ----
+    def certificates(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name, spec in self.specs.items():
+            rows = []
+            for check in self.plans[name]:
+                row = self.results[name].get(check.id)
+                if row is None:
+                    row = self.row(check, Verdict("not_run", "not executed in this run (deselected or interrupted)"))
+                rows.append(row)
+            in_repo = spec.source is None or spec.source.parent == SPECS_DIR.resolve()
+            command = f"pytest --model {name}" if in_repo else f"pytest --model-spec {spec.source}"
+            command += "".join(f" --backend {b}" for b in self.backends) + "".join(f" --dtype {d}" for d in self.dtypes)
+            out[name] = certificate.build(name, spec.sha256, dict(sorted(self.versions.items())), rows, command,
+                                          str(spec.source or ""))
+        return out
+
+    def write_certificates(self) -> dict[str, Path]:
+        return {name: certificate.write(cert, self.report_dir) for name, cert in self.certificates().items()}
+
+    def close(self) -> None:
+        self.pool.close()

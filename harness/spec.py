@@ -1,0 +1,194 @@
+"""Model spec files: pydantic models, loading with one-line errors, schema export."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from .errors import SpecError
+from .tolerances import DTYPES, KNOWN_METRICS
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SPECS_DIR = REPO_ROOT / "model_specs"
+
+TrainBackend = Literal["megatron", "deepspeed"]
+InferBackend = Literal["hf", "vllm", "sglang", "lmdeploy"]
+Dtype = Literal["float32", "bfloat16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Layout(_Strict):
+    """A parallel layout a trainer/engine backend is checked under."""
+
+    tp: int = Field(1, ge=1, description="tensor-parallel size")
+    pp: int = Field(1, ge=1, description="pipeline-parallel size")
+
+    @property
+    def id(self) -> str:
+        return f"tp{self.tp}pp{self.pp}"
+
+
+class Reference(_Strict):
+    """The HF model every parity check compares against."""
+
+    config: dict[str, Any] = Field(default_factory=dict, description="overrides for a tiny random model")
+    seed: int = Field(0, ge=0)
+    path: Path | None = Field(None, description="a real local HF checkpoint (safetensors) instead of a random model")
+
+
+class Converter(_Strict):
+    template: str | None = Field(None, description="key given to register_template; default: hf_model_type")
+
+
+class Backends(_Strict):
+    train: list[TrainBackend] = Field(default_factory=list)
+    infer: list[InferBackend] = Field(default_factory=lambda: ["hf"])
+
+    @field_validator("train", "infer")
+    @classmethod
+    def _no_repeats(cls, names: list[str]) -> list[str]:
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"backend listed twice: {', '.join(repeated)}")
+        return names
+
+
+class Spec(_Strict):
+    """One model's certification spec (model_specs/<name>.yaml)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="unique model name; reports/<name>/")
+    hf_model_type: str = Field(min_length=1, description="model_type in the HF config.json")
+    plugins: list[str] = Field(default_factory=list, description="python files (relative to the spec) or module names")
+    reference: Reference = Field(default_factory=Reference)
+    converter: Converter = Field(default_factory=Converter)
+    backends: Backends = Field(default_factory=Backends)
+    dtypes: list[Dtype] = Field(default_factory=lambda: list(DTYPES), min_length=1)
+    parallel: list[Layout] = Field(default_factory=lambda: [Layout()], min_length=1)
+    tolerances: dict[Dtype, dict[str, float]] = Field(default_factory=dict)
+    config_waivers: dict[str, str] = Field(default_factory=dict, description="HF config key -> why it does not matter")
+    worker_timeout_s: float = Field(900.0, gt=0, description="per-request timeout of a backend worker")
+
+    _source: Path | None = PrivateAttr(None)
+    _sha256: str = PrivateAttr("")
+
+    @field_validator("tolerances")
+    @classmethod
+    def _known_metrics(cls, tolerances: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        for dtype, metrics in tolerances.items():
+            unknown = sorted(set(metrics) - set(KNOWN_METRICS))
+            if unknown:
+                raise ValueError(f"unknown metric {unknown[0]!r} for {dtype} (known: {', '.join(KNOWN_METRICS)})")
+        return tolerances
+
+    @field_validator("config_waivers")
+    @classmethod
+    def _waivers_have_reasons(cls, waivers: dict[str, str]) -> dict[str, str]:
+        for key, why in waivers.items():
+            if not str(why).strip():
+                raise ValueError(f"waiver for {key!r} needs a reason")
+        return waivers
+
+    @model_validator(mode="after")
+    def _unique_layouts(self) -> "Spec":
+        ids = [layout.id for layout in self.parallel]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"parallel layouts repeat: {ids}")
+        return self
+
+    @property
+    def template_name(self) -> str:
+        return self.converter.template or self.hf_model_type
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
+
+    @property
+    def sha256(self) -> str:
+        return self._sha256
+
+    @property
+    def all_backends(self) -> list[str]:
+        return list(self.backends.infer) + list(self.backends.train)
+
+    def resolve_relative(self, value: str | Path) -> Path:
+        base = self._source.parent if self._source else Path.cwd()
+        return (base / value).resolve()
+
+
+def _loc_to_key(loc: tuple) -> str:
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key
+
+
+def parse_spec(data: Any, source: Path | str | None = None) -> Spec:
+    if not isinstance(data, dict):
+        raise SpecError(source, None, f"expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = _loc_to_key(tuple(err["loc"])) or None
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif err["type"] == "missing":
+            message = "required key is missing"
+        raise SpecError(source, key, message) from None
+    return spec
+
+
+def load_spec(path: str | Path) -> Spec:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(path, None, "spec file does not exist") from None
+    except OSError as exc:
+        raise SpecError(path, None, f"cannot read spec: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else None
+        raise SpecError(path, where, f"invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    spec = parse_spec(data, path)
+    spec._source = path.resolve()
+    spec._sha256 = hashlib.sha256(raw).hexdigest()
+    return spec
+
+
+def known_model_names(specs_dir: Path = SPECS_DIR) -> list[str]:
+    return sorted(p.stem for p in specs_dir.glob("*.yaml"))
+
+
+def spec_path_for(name: str, specs_dir: Path = SPECS_DIR) -> Path:
+    path = specs_dir / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(known_model_names(specs_dir)) or "none"
+        raise SpecError("--model", name, f"unknown model (known in {specs_dir}: {known})")
+    return path
+
+
+def check_unique_names(specs: list[Spec]) -> None:
+    seen: dict[str, Spec] = {}
+    for spec in specs:
+        if spec.name in seen:
+            raise SpecError(spec.source, "name", f"duplicate model name {spec.name!r} (also in {seen[spec.name].source})")
+        seen[spec.name] = spec
+
+
+def json_schema() -> str:
+    schema = Spec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Model certification spec"
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"

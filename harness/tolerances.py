@@ -1,0 +1,32 @@
+"""Default tolerances per dtype and metric; a spec may override any of them.
+
+Conversion checks are exact by construction (a converter only moves bytes), so
+their tolerance is 0. Parity tolerances for later suites live here too so that
+a spec can only name metrics the harness knows.
+"""
+from __future__ import annotations
+
+DTYPES = ("float32", "bfloat16")
+
+# metric -> (float32 default, bfloat16 default, meaning)
+DEFAULTS: dict[str, tuple[float, float, str]] = {
+    "roundtrip_max_abs_diff": (0.0, 0.0, "HF -> Megatron -> HF, max |a-b| over every tensor"),
+    "save_load_max_abs_diff": (0.0, 0.0, "HF save_pretrained -> from_pretrained, max |a-b|"),
+    "max_abs_logprob": (1e-4, 0.25, "max |logprob_backend - logprob_hf| over tokens"),
+    "mean_abs_logprob": (1e-5, 0.03, "mean |logprob_backend - logprob_hf| over tokens"),
+    "min_top1_agreement": (1.0, 0.95, "fraction of positions whose argmax agrees (lower bound)"),
+    "max_mean_exp_abs_logprob": (1.0001, 1.05, "NeMo-RL metric mean(exp(|dlogp|)) (upper bound)"),
+    "max_loss_diff": (1e-5, 5e-2, "|loss_backend - loss_reference| per step"),
+    "max_grad_diff": (1e-5, 5e-2, "max |grad_backend - grad_reference|"),
+    "max_weight_diff": (1e-5, 5e-2, "max |updated weight backend - reference|"),
+}
+
+KNOWN_METRICS = tuple(DEFAULTS)
+
+
+def resolve(dtype: str, overrides: dict[str, dict[str, float]] | None, metrics: list[str]) -> dict[str, float]:
+    """Tolerances for `metrics` at `dtype`: spec override if given, else the default."""
+    column = 0 if dtype == "float32" else 1
+    chosen = {m: DEFAULTS[m][column] for m in metrics}
+    chosen.update({m: v for m, v in ((overrides or {}).get(dtype) or {}).items() if m in chosen})
+    return chosen
