@@ -1,0 +1,28 @@
+# `make certify` and `make test` set up everything on a fresh machine (a pinned virtualenv in .venv).
+PYTHON ?= python3
+VENV   ?= .venv
+MODEL  ?= qwen2
+JOBS   ?= 2
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: certify test setup clean
+setup: $(STAMP)
+
+# torch first, alone: pinned exactly so no other requirement drags in a different build.
+# Extra indexes (e.g. PyTorch's CPU wheels) come through pip's own PIP_EXTRA_INDEX_URL.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[megatron,dev]'
+	touch $@
+
+certify: $(STAMP)
+	$(BIN)/pytest --model $(MODEL)
+
+test: $(STAMP)
+	$(BIN)/pytest tests -n $(JOBS)
+
+clean:
+	rm -rf $(VENV) reports/*/

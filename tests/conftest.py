@@ -1,0 +1,69 @@
+"""Shared helpers for the harness's own tests."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+QWEN2_SPEC = REPO / "model_specs" / "qwen2.yaml"
+
+
+def base_spec(name: str = "tmp-model", **changes) -> dict:
+    """The repo's qwen2 spec as a dict, renamed, with top-level keys replaced."""
+    data = yaml.safe_load(QWEN2_SPEC.read_text())
+    data["name"] = name
+    data.update(changes)
+    return data
+
+
+@pytest.fixture
+def make_spec(tmp_path):
+    """Write a spec (dict or raw YAML text) plus plugin files into a fresh folder; returns the spec path."""
+
+    def _make(spec: dict | str, files: dict[str, str] | None = None, filename: str = "spec.yaml") -> Path:
+        folder = tmp_path / "specs"
+        folder.mkdir(exist_ok=True)
+        for rel, text in (files or {}).items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_text(textwrap.dedent(text))
+        path = folder / filename
+        path.write_text(spec if isinstance(spec, str) else yaml.safe_dump(spec, sort_keys=False))
+        return path
+
+    return _make
+
+
+class CertifyRun:
+    def __init__(self, proc: subprocess.CompletedProcess, report_dir: Path):
+        self.returncode = proc.returncode
+        self.output = proc.stdout + proc.stderr
+        self.report_dir = report_dir
+
+    def certificate(self, model: str) -> dict:
+        return json.loads((self.report_dir / model / "certificate.json").read_text())
+
+    def check(self, model: str, check_id: str) -> dict:
+        checks = {c["id"]: c for c in self.certificate(model)["checks"]}
+        return checks[f"{model}/{check_id}"]
+
+
+@pytest.fixture
+def run_certify(tmp_path):
+    """Run `pytest <args>` in a subprocess the way a user would, reports under tmp_path."""
+
+    def _run(*args: str, timeout: float = 600, cwd: Path = REPO) -> CertifyRun:
+        report_dir = tmp_path / "reports"
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        env.pop("PYTEST_XDIST_WORKER", None)
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--report-dir", str(report_dir), *args]
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        return CertifyRun(proc, report_dir)
+
+    return _run
