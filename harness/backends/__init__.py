@@ -14,6 +14,10 @@ ALL_BACKENDS = ("hf", "vllm", "sglang", "lmdeploy", "megatron", "deepspeed")
 
 
 def backend_class(name: str) -> type[Backend] | None:
+    """Registered name, or "package.module:Class" for a backend that lives outside the harness."""
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        return getattr(importlib.import_module(module), attr)
     module = MODULES.get(name)
     if module is None:
         return None
