@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 MODEL  ?= qwen2
 JOBS   ?= 2
+ARGS   ?= --alluredir reports/$(MODEL)/allure-results --clean-alluredir
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 certify: $(STAMP)
-	$(BIN)/pytest --model $(MODEL)
+	$(BIN)/pytest --model $(MODEL) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/pytest tests -n $(JOBS)

@@ -113,6 +113,7 @@ def _certify_gate(request: pytest.FixtureRequest):
 def conclude(request: pytest.FixtureRequest, session, check, verdict, seconds: float = 0.0) -> None:
     """Attach the certificate row to the test report (it survives xdist) and set the pytest outcome."""
     row = session.row(check, verdict, seconds)
+    _allure_annotate(request, check, row)
     request.node.user_properties.append(("certify_row", json.dumps({"model": check.model, "row": row,
                                                                       "versions": session.versions},
                                                                      default=str)))
@@ -121,6 +122,21 @@ def conclude(request: pytest.FixtureRequest, session, check, verdict, seconds: f
     if verdict.status == "not_run":
         pytest.skip(f"not run: {verdict.reason}")
     pytest.fail(f"{check.id} {verdict.status}: {verdict.reason}", pytrace=False)
+
+
+def _allure_annotate(request: pytest.FixtureRequest, check, row: dict) -> None:
+    """Group checks model > suite > backend in Allure and attach the row, when allure-pytest is recording."""
+    if not request.config.getoption("--alluredir", default=None):
+        return
+    import allure
+
+    allure.dynamic.parent_suite(check.model)
+    allure.dynamic.suite(check.suite)
+    allure.dynamic.sub_suite(check.backend)
+    allure.dynamic.title(check.id)
+    allure.dynamic.label("check_status", row["status"])
+    allure.attach(json.dumps(row, indent=2, default=str), name="certificate row",
+                  attachment_type=allure.attachment_type.JSON)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -160,9 +176,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     if not written:
         return
     terminalreporter.section("certification")
-    for name, cert in certify_session.certificates().items():
+    for name, (folder, cert) in written.items():
         counts: dict[str, int] = {}
         for check in cert["checks"]:
             counts[check["status"]] = counts.get(check["status"], 0) + 1
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        terminalreporter.write_line(f"{name}: {cert['verdict'].upper()} ({summary}) -> {written[name]}/certificate.json")
+        terminalreporter.write_line(f"{name}: {cert['verdict'].upper()} ({summary}) -> {folder}/certificate.json")

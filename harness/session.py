@@ -112,8 +112,8 @@ class CertifySession:
                                           str(spec.source or ""))
         return out
 
-    def write_certificates(self) -> dict[str, Path]:
-        return {name: certificate.write(cert, self.report_dir) for name, cert in self.certificates().items()}
+    def write_certificates(self) -> dict[str, tuple[Path, dict[str, Any]]]:
+        return {name: (certificate.write(cert, self.report_dir), cert) for name, cert in self.certificates().items()}
 
     def close(self) -> None:
         self.pool.close()

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .errors import SpecError
 from .tolerances import DTYPES, KNOWN_METRICS
@@ -95,12 +95,13 @@ class Spec(_Strict):
                 raise ValueError(f"waiver for {key!r} needs a reason")
         return waivers
 
-    @model_validator(mode="after")
-    def _unique_layouts(self) -> "Spec":
-        ids = [layout.id for layout in self.parallel]
+    @field_validator("parallel")
+    @classmethod
+    def _unique_layouts(cls, parallel: list[Layout]) -> list[Layout]:
+        ids = [layout.id for layout in parallel]
         if len(ids) != len(set(ids)):
             raise ValueError(f"parallel layouts repeat: {ids}")
-        return self
+        return parallel
 
     @property
     def template_name(self) -> str:
@@ -131,6 +132,8 @@ def _loc_to_key(loc: tuple) -> str:
 
 
 def parse_spec(data: Any, source: Path | str | None = None) -> Spec:
+    if data is None:
+        raise SpecError(source, None, "spec is empty (expected a mapping with at least name and hf_model_type)")
     if not isinstance(data, dict):
         raise SpecError(source, None, f"expected a mapping at the top level, got {type(data).__name__}")
     try:
@@ -143,6 +146,8 @@ def parse_spec(data: Any, source: Path | str | None = None) -> Spec:
             message = "unknown key"
         elif err["type"] == "missing":
             message = "required key is missing"
+        elif err["type"] == "value_error" and "error" in err.get("ctx", {}):
+            message = str(err["ctx"]["error"])  # our own validators' text, without pydantic's "Value error, "
         raise SpecError(source, key, message) from None
     return spec
 

@@ -93,9 +93,21 @@ def validate_environment(spec: Spec) -> None:
         raise SpecError(spec.source, "reference.config", f"{type(exc).__name__}: {exc}") from None
     if spec.reference.path is not None:
         path = spec.resolve_relative(spec.reference.path)
+        if not path.is_dir():
+            raise SpecError(spec.source, "reference.path", f"{path} does not exist or is not a directory")
         if not (path / "config.json").is_file():
             raise SpecError(spec.source, "reference.path", f"{path} has no config.json")
-        if not list(path.glob("*.safetensors")):
+        weights = sorted(path.glob("*.safetensors"))
+        if not weights:
             raise SpecError(spec.source, "reference.path", f"{path} has no *.safetensors weights")
+        from safetensors import safe_open
+
+        for weight in weights:  # reads only the header: cheap even for a large checkpoint
+            try:
+                with safe_open(str(weight), framework="pt"):
+                    pass
+            except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
+                raise SpecError(spec.source, "reference.path",
+                                f"{weight} is not a valid safetensors file: {exc}") from None
     if "megatron" in spec.backends.train or spec.converter.template:
         resolve_template(spec)
