@@ -69,6 +69,16 @@ class CertifySession:
         return self.call(model, "hf", "materialize", model_type=self.specs[model].hf_model_type,
                          overrides=ref.config, seed=ref.seed, dtype=dtype, path=path)["dir"]
 
+    def scratch(self, model: str) -> Path:
+        """A per-session scratch folder for measurement files (removed at close)."""
+        if not hasattr(self, "_scratch"):
+            import tempfile
+
+            self._scratch = tempfile.TemporaryDirectory(prefix="harness-run-")
+        path = Path(self._scratch.name) / model
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def tolerance(self, check: PlannedCheck, metrics: list[str]) -> dict[str, float]:
         return resolve(check.dtype or "float32", self.specs[check.model].tolerances, metrics)
 
@@ -117,3 +127,5 @@ class CertifySession:
 
     def close(self) -> None:
         self.pool.close()
+        if hasattr(self, "_scratch"):
+            self._scratch.cleanup()

@@ -127,6 +127,8 @@ class Spec(_Strict):
 def _loc_to_key(loc: tuple) -> str:
     key = ""
     for part in loc:
+        if part == "[key]":  # pydantic's marker for "the dict key itself is invalid"; the key is already named
+            continue
         key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
     return key
 

@@ -15,6 +15,8 @@ DEFAULTS: dict[str, tuple[float, float, str]] = {
     "max_abs_logprob": (1e-4, 0.25, "max |logprob_backend - logprob_hf| over tokens"),
     "mean_abs_logprob": (1e-5, 0.03, "mean |logprob_backend - logprob_hf| over tokens"),
     "min_top1_agreement": (1.0, 0.95, "fraction of positions whose argmax agrees (lower bound)"),
+    "min_topk_overlap": (0.99, 0.9, "mean top-5 overlap with the reference (lower bound)"),
+    "min_greedy_equal": (1.0, 0.9, "fraction of prompts whose greedy next token agrees (lower bound)"),
     "max_mean_exp_abs_logprob": (1.0001, 1.05, "NeMo-RL metric mean(exp(|dlogp|)) (upper bound)"),
     "max_loss_diff": (1e-5, 5e-2, "|loss_backend - loss_reference| per step"),
     "max_grad_diff": (1e-5, 5e-2, "max |grad_backend - grad_reference|"),
@@ -30,3 +32,26 @@ def resolve(dtype: str, overrides: dict[str, dict[str, float]] | None, metrics: 
     chosen = {m: DEFAULTS[m][column] for m in metrics}
     chosen.update({m: v for m, v in ((overrides or {}).get(dtype) or {}).items() if m in chosen})
     return chosen
+
+
+LOGIT_METRICS = ("max_abs_logprob", "mean_abs_logprob", "min_top1_agreement", "min_topk_overlap",
+                 "min_greedy_equal", "max_mean_exp_abs_logprob")
+CALIBRATION_FACTOR = 2.0  # a backend may be at most this many times noisier than HF's own bf16 rounding
+
+
+def calibrate(noise: dict[str, float], floor: dict[str, float]) -> dict[str, float]:
+    """bf16 tolerances from the measured noise of HF-bf16 vs HF-fp32 on the same prompts.
+
+    `noise` holds the worst value over prompt sets of each parity metric; `floor` (the fp32
+    tolerances) keeps a bound from collapsing to zero when the noise happens to be zero.
+    """
+    f = CALIBRATION_FACTOR
+    return {
+        "max_abs_logprob": max(floor["max_abs_logprob"], f * noise["max_abs_logprob"]),
+        "mean_abs_logprob": max(floor["mean_abs_logprob"], f * noise["mean_abs_logprob"]),
+        "min_top1_agreement": min(floor["min_top1_agreement"], 1 - f * (1 - noise["top1_agreement"])),
+        "min_topk_overlap": min(floor["min_topk_overlap"], 1 - f * (1 - noise["topk_overlap"])),
+        "min_greedy_equal": min(floor["min_greedy_equal"], 1 - f * (1 - noise["greedy_equal"])),
+        "max_mean_exp_abs_logprob": max(floor["max_mean_exp_abs_logprob"],
+                                        1 + f * (noise["mean_exp_abs_logprob"] - 1)),
+    }

@@ -45,7 +45,11 @@ class Worker:
         )
         _LIVE.add(self)
         self.started = time.monotonic()
-        hello = self.call("__init__", {"spec_path": spec_path}, timeout=start_timeout)
+        try:
+            hello = self.call("__init__", {"spec_path": spec_path}, timeout=start_timeout)
+        except BaseException:
+            self.close(grace=0)  # a worker that failed to start must not linger (holding memory, GPUs)
+            raise
         self.versions: dict[str, str] = hello.get("versions", {})
         self.start_seconds = time.monotonic() - self.started
 

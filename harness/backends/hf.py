@@ -59,5 +59,26 @@ class HFBackend(Backend):
         return {"comparison": compare_state_dicts(first.state_dict(), second.state_dict()),
                 "config_keys_changed": config_diff}
 
+    def op_logprobs(self, dir: str, dtype: str, prompts: dict[str, list[list[int]]],  # noqa: A002
+                    out_path: str) -> dict[str, Any]:
+        """Full-vocabulary log-probabilities per prompt set ([batch, seq, vocab], right-padded)."""
+        import torch
+        from safetensors.torch import save_file
+
+        model, _ = self._load(dir, dtype)
+        model.eval()
+        outputs = {}
+        with torch.no_grad():
+            for name, seqs in prompts.items():
+                length = max(len(s) for s in seqs)
+                ids = torch.zeros(len(seqs), length, dtype=torch.long)
+                mask = torch.zeros(len(seqs), length, dtype=torch.long)
+                for i, seq in enumerate(seqs):
+                    ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), 1
+                logits = model(input_ids=ids, attention_mask=mask).logits
+                outputs[name] = torch.log_softmax(logits.float(), dim=-1).contiguous()
+        save_file(outputs, out_path)
+        return {"path": out_path}
+
 
 BACKEND = HFBackend

@@ -55,9 +55,26 @@ def _jsonable(value: Any) -> Any:
     return str(getattr(value, "__name__", value))
 
 
+def build_transformer_config(tc_kwargs: dict[str, Any], dtype: str = "float32", cpu: bool = True):
+    """TransformerConfig from McaConfigView.transformer_config_kwargs(); returns (config, keys Megatron lacks)."""
+    import torch
+    from megatron.core.transformer import TransformerConfig
+
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(k for k in tc_kwargs if k not in fields)
+    kwargs = {k: v for k, v in tc_kwargs.items() if k in fields}
+    kwargs["activation_func"] = _activation(kwargs["activation_func"])
+    if cpu:
+        kwargs.update(CPU_SAFE)
+    else:
+        kwargs.update(perform_initialization=False)
+    kwargs["params_dtype"] = getattr(torch, dtype)
+    return TransformerConfig(**kwargs), unknown
+
+
 class MegatronBackend(Backend):
     name = "megatron"
-    suites = ("config", "roundtrip")
+    suites = ("config", "roundtrip", "logits")
     packages = ("torch", "megatron-core")
 
     def setup(self) -> None:
@@ -92,16 +109,7 @@ class MegatronBackend(Backend):
         return hf_config, template, kwargs, absent, McaConfigView(kwargs)
 
     def _transformer_config(self, view, dtype: str = "float32"):
-        import torch
-        from megatron.core.transformer import TransformerConfig
-
-        fields = {f.name for f in dataclasses.fields(TransformerConfig)}
-        requested = view.transformer_config_kwargs()
-        unknown = sorted(k for k in requested if k not in fields)
-        kwargs = {k: v for k, v in requested.items() if k in fields}
-        kwargs["activation_func"] = _activation(kwargs["activation_func"])
-        kwargs.update(CPU_SAFE, params_dtype=getattr(torch, dtype))
-        return TransformerConfig(**kwargs), unknown
+        return build_transformer_config(view.transformer_config_kwargs(), dtype)
 
     # ---- operations ----
     def op_config(self, dir: str) -> dict[str, Any]:  # noqa: A002 - wire name
@@ -118,17 +126,52 @@ class MegatronBackend(Backend):
         return config_parsing.measure(hf_config.to_dict(), kwargs, absent, template.config_hf_to_mca, built)
 
     def op_roundtrip(self, dir: str) -> dict[str, Any]:  # noqa: A002
-        from safetensors.torch import load_file
-
         from ..checks.roundtrip import measure_roundtrip
 
         hf_config, template, kwargs, absent, view = self._template_and_view(dir)
-        state = {}
-        for shard in sorted(Path(dir).glob("*.safetensors")):
-            state.update(load_file(shard))
+        state = self._load_hf_state(dir)
         measurement = measure_roundtrip(state, template, view)
         measurement["expected_shapes"] = self._expected_shapes(view)
         return measurement
+
+    def op_logprobs(self, dir: str, dtypes: list[str], tp: int, pp: int,  # noqa: A002
+                    prompts: dict[str, list[list[int]]], out_dir: str) -> dict[str, Any]:
+        """Convert, shard for (tp, pp), run tp*pp ranks; log-probs per dtype land in out_dir/<dtype>/."""
+        import json
+        import tempfile
+
+        import torch.multiprocessing as mp
+        from safetensors.torch import save_file
+
+        from ..convert import dist
+        from .megatron_ranks import run_rank
+
+        hf_config, template, kwargs, absent, view = self._template_and_view(dir)
+        state = self._load_hf_state(dir)
+        mca_state, report = template.hf_to_mca(state, view)
+        layout = dist.Layout(tp, pp, int(view.num_layers), bool(view.get("tie_embeddings_and_output_weights")),
+                             dist.stacked_suffixes(report.stacked))
+        with tempfile.TemporaryDirectory(prefix="harness-mcore-") as tmp:
+            for (p, t), shard in dist.shard(mca_state, layout).items():
+                save_file(shard, f"{tmp}/pp{p}_tp{t}.safetensors")
+            job = {"tp": tp, "pp": pp, "dtypes": dtypes, "prompts": prompts, "shard_dir": tmp, "out_dir": out_dir,
+                   "mca_kwargs": view.transformer_config_kwargs(), "gpt_kwargs": view.gpt_model_kwargs()}
+            job_path = f"{tmp}/job.json"
+            Path(job_path).write_text(json.dumps(job, default=str))
+            mp.start_processes(run_rank, args=(tp * pp, _free_port(), job_path), nprocs=tp * pp,
+                               start_method="spawn", join=True)
+        load_problems = [p for f in sorted(Path(out_dir).glob("load_problems_*.json"))
+                         for p in json.loads(f.read_text())]
+        return {"out_dir": out_dir, "files": {d: f"{out_dir}/{d}/logprobs.safetensors" for d in dtypes},
+                "conversion_problems": report.problems(), "load_problems": load_problems}
+
+    def _load_hf_state(self, directory: str):
+        from safetensors.torch import load_file
+
+        state = {}
+        for shard in sorted(Path(directory).glob("*.safetensors")):
+            state.update(load_file(shard))
+        return state
 
     def _expected_shapes(self, view) -> dict[str, list[int]]:
         """Parameter names and shapes of megatron-core's GPTModel (local spec) for this config."""
