@@ -96,13 +96,15 @@ class MegatronBackend(Backend):
             dist.destroy_process_group()
 
     # ---- helpers ----
-    def _template_and_view(self, directory: str):
+    def _template_and_view(self, directory: str, template_name: str | None = None):
+        """HF config, the template (the spec's, or one named explicitly), its kwargs and Megatron view."""
         from transformers import AutoConfig
 
+        from ..convert import get_template
         from ..spec_plugins import resolve_template
 
         hf_config = AutoConfig.from_pretrained(directory)
-        template = resolve_template(self.spec)
+        template = get_template(template_name) if template_name else resolve_template(self.spec)
         kwargs, absent = template.mca_config_kwargs(hf_config)
         from ..convert import McaConfigView
 
@@ -112,10 +114,10 @@ class MegatronBackend(Backend):
         return build_transformer_config(view.transformer_config_kwargs(), dtype)
 
     # ---- operations ----
-    def op_config(self, dir: str) -> dict[str, Any]:  # noqa: A002 - wire name
+    def op_config(self, dir: str, template: str | None = None) -> dict[str, Any]:  # noqa: A002 - wire name
         from ..checks import config_parsing
 
-        hf_config, template, kwargs, absent, view = self._template_and_view(dir)
+        hf_config, template, kwargs, absent, view = self._template_and_view(dir, template)
         tc, unknown = self._transformer_config(view)
         reported = set(REPORTED_FIELDS) | set(view.transformer_config_kwargs())
         built = {
@@ -125,17 +127,17 @@ class MegatronBackend(Backend):
         }
         return config_parsing.measure(hf_config.to_dict(), kwargs, absent, template.config_hf_to_mca, built)
 
-    def op_roundtrip(self, dir: str) -> dict[str, Any]:  # noqa: A002
+    def op_roundtrip(self, dir: str, template: str | None = None) -> dict[str, Any]:  # noqa: A002
         from ..checks.roundtrip import measure_roundtrip
 
-        hf_config, template, kwargs, absent, view = self._template_and_view(dir)
+        hf_config, template, kwargs, absent, view = self._template_and_view(dir, template)
         state = self._load_hf_state(dir)
         measurement = measure_roundtrip(state, template, view)
         measurement["expected_shapes"] = self._expected_shapes(view)
         return measurement
 
     def op_logprobs(self, dir: str, dtypes: list[str], tp: int, pp: int,  # noqa: A002
-                    prompts: dict[str, list[list[int]]], out_dir: str) -> dict[str, Any]:
+                    prompts: dict[str, list[list[int]]], out_dir: str, template: str | None = None) -> dict[str, Any]:
         """Convert, shard for (tp, pp), run tp*pp ranks; log-probs per dtype land in out_dir/<dtype>/."""
         import json
         import tempfile
@@ -146,7 +148,7 @@ class MegatronBackend(Backend):
         from ..convert import dist
         from .megatron_ranks import run_rank
 
-        hf_config, template, kwargs, absent, view = self._template_and_view(dir)
+        hf_config, template, kwargs, absent, view = self._template_and_view(dir, template)
         state = self._load_hf_state(dir)
         mca_state, report = template.hf_to_mca(state, view)
         layout = dist.Layout(tp, pp, int(view.num_layers), bool(view.get("tie_embeddings_and_output_weights")),

@@ -1,0 +1,171 @@
+"""Backend worker processes: timeouts kill the whole process tree, crashes and errors are reported
+with the worker's stderr, stdout noise cannot corrupt the protocol, and nothing outlives close().
+
+Uses the out-of-tree backends in tests/backends_for_tests.py, loaded by "module:Class" name.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.errors import WorkerError
+from harness.workers import Worker, WorkerPool
+
+SLEEPY = "tests.backends_for_tests:SleepyBackend"
+BROKEN = "tests.backends_for_tests:BrokenSetupBackend"
+
+
+def alive(pid: int) -> bool:
+    """True while pid is a live process; a zombie (exited, not yet reaped) counts as dead."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    state = stat.rpartition(")")[2].split()[0]
+    return state not in ("Z", "X")
+
+
+def wait_dead(*pids: int, timeout: float = 10.0) -> list[int]:
+    """Pids still alive after `timeout` seconds (empty when all died)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [pid for pid in pids if alive(pid)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+def children_of_us(needle: str) -> list[int]:
+    """Live direct children of this process whose command line contains `needle`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == os.getpid() and needle in cmdline and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def worker():
+    w = Worker(SLEEPY, None, start_timeout=60)
+    try:
+        yield w
+    finally:
+        w.close(grace=2)
+
+
+def test_worker_starts_and_answers(worker):
+    assert worker.call("echo", {"value": [1, "two", {"3": None}]}, timeout=30) == \
+        {"value": [1, "two", {"3": None}], "pid": worker.pid}
+    assert worker.versions["python"]
+    assert worker.start_seconds > 0
+
+
+def test_timeout_kills_worker_and_grandchildren(worker, tmp_path):
+    pid_file = tmp_path / "pids"
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match="timed out") as info:
+        worker.call("spawn_and_hang", {"pid_file": str(pid_file)}, timeout=2)
+    elapsed = time.monotonic() - start
+    assert elapsed < 10, f"timeout of 2 s took {elapsed:.1f} s to fire"
+    assert "spawn_and_hang" in str(info.value)
+    worker_pid, child_pid = map(int, pid_file.read_text().split())
+    assert worker_pid == worker.pid
+    assert wait_dead(worker_pid, child_pid) == [], "a timed-out worker or its child outlived the timeout"
+    with pytest.raises(WorkerError, match="not running"):
+        worker.call("pid", timeout=5)
+
+
+def test_crash_reports_exit_code_and_stderr(worker):
+    marker = "MARKER-before-os._exit-7f3a"
+    with pytest.raises(WorkerError, match=r"crashed in 'crash' \(exit 3\)") as info:
+        worker.call("crash", {"marker": marker, "code": 3}, timeout=30)
+    assert marker in info.value.stderr_tail
+    assert wait_dead(worker.pid) == []
+
+
+def test_error_in_op_is_reported_and_worker_stays_usable(worker):
+    with pytest.raises(WorkerError, match=r"failed in 'fail': ValueError: bad shape \(3, 4\)") as info:
+        worker.call("fail", {"message": "bad shape (3, 4)"}, timeout=30)
+    assert "Traceback" in info.value.stderr_tail and "op_fail" in info.value.stderr_tail
+    assert worker.call("pid", timeout=30) == {"pid": worker.pid}
+
+
+def test_unknown_op_is_an_error_not_a_crash(worker):
+    with pytest.raises(WorkerError, match="has no operation 'nosuch'"):
+        worker.call("nosuch", timeout=30)
+    assert worker.call("pid", timeout=30) == {"pid": worker.pid}
+
+
+def test_stdout_noise_does_not_corrupt_protocol(worker):
+    assert worker.call("noisy", timeout=30) == {"clean": True, "pid": worker.pid}
+    assert worker.call("echo", {"value": "after"}, timeout=30)["value"] == "after"
+    tail = worker.stderr_tail()
+    assert "print() to stdout {not json" in tail and "a child's stdout" in tail
+
+
+def test_close_leaves_no_process():
+    w = Worker(SLEEPY, None, start_timeout=60)
+    spawned = w.call("spawn", timeout=30)
+    assert spawned["pid"] == w.pid and alive(spawned["child_pid"])
+    log = Path(w._log.name)
+    w.close(grace=5)
+    assert w.proc.poll() is not None
+    assert wait_dead(w.pid, spawned["child_pid"]) == []
+    assert not log.exists()
+    w.close()  # closing twice is harmless
+
+
+def test_failed_start_is_reported_and_leaves_no_process():
+    with pytest.raises(WorkerError, match="setup exploded on purpose"):
+        Worker(BROKEN, None, start_timeout=60)
+    deadline = time.monotonic() + 10
+    while children_of_us("BrokenSetupBackend") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert children_of_us("BrokenSetupBackend") == [], "a worker that failed to start was left running"
+
+
+def test_pool_reuses_worker_and_replaces_a_dead_one():
+    pool = WorkerPool()
+    try:
+        first = pool.get(SLEEPY, None)
+        pid_a = first.call("pid", timeout=30)["pid"]
+        second = pool.get(SLEEPY, None)
+        assert second is first
+        assert second.call("pid", timeout=30)["pid"] == pid_a == first.pid
+
+        with pytest.raises(WorkerError, match="crashed"):
+            first.call("crash", {"marker": "x"}, timeout=30)
+        replacement = pool.get(SLEEPY, None)
+        assert replacement is not first and replacement.pid != pid_a
+        assert replacement.call("pid", timeout=30)["pid"] == replacement.pid
+    finally:
+        pool.close()
+    assert wait_dead(pid_a, replacement.pid) == []
+
+
+def test_pool_remembers_a_failed_start():
+    pool = WorkerPool()
+    try:
+        with pytest.raises(WorkerError) as first:
+            pool.get(BROKEN, None)
+        with pytest.raises(WorkerError) as second:
+            pool.get(BROKEN, None)
+        assert second.value is first.value  # not retried: one broken backend costs one start
+    finally:
+        pool.close()
