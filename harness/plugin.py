@@ -76,6 +76,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION_KEY] = session
     if config.args_source != pytest.Config.ArgsSource.ARGS:
         config.args[:] = [str(SUITES_DIR)]
+        if not SUITES_DIR.is_relative_to(config.rootpath):
+            # pytest guessed the rootdir from a --model-spec path outside the repo; node ids of the
+            # suites would then read like "../../tmp/test_config.py". Root them at the repo instead.
+            config._rootpath = SUITES_DIR.parent  # noqa: SLF001 - no public setter in pytest 9
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -85,6 +89,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     session = metafunc.config.stash.get(SESSION_KEY, None)
     checks = session.checks_for(suite) if session else []
     metafunc.parametrize("check", checks, ids=[c.id for c in checks])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A suite with no planned checks for the selection leaves no placeholder item behind."""
+    from .plan import PlannedCheck
+
+    empty = [item for item in items if getattr(getattr(item, "module", None), "SUITE", None)
+             and not isinstance(getattr(getattr(item, "callspec", None), "params", {}).get("check"), PlannedCheck)]
+    if empty:
+        config.hook.pytest_deselected(items=empty)
+        items[:] = [item for item in items if item not in empty]
 
 
 @pytest.fixture(scope="session")

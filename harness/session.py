@@ -27,7 +27,9 @@ class CertifySession:
                  report_dir: str | Path = "reports"):
         self.specs = {spec.name: spec for spec in specs}
         self.backends, self.dtypes = backends or [], dtypes or []
-        self.plans = {spec.name: build_plan(spec, self.backends, self.dtypes) for spec in specs}
+        # The plan is always the spec's whole plan, so a filtered run can never certify a model.
+        self.plans = {spec.name: build_plan(spec) for spec in specs}
+        self.selected = {c.id for spec in specs for c in build_plan(spec, self.backends, self.dtypes)}
         self.report_dir = Path(report_dir)
         self.pool = WorkerPool()
         self.results: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in self.specs}
@@ -36,7 +38,7 @@ class CertifySession:
 
     # ---- planning ----
     def checks_for(self, suite: str) -> list[PlannedCheck]:
-        return [c for plan in self.plans.values() for c in plan if c.suite == suite]
+        return [c for plan in self.plans.values() for c in plan if c.suite == suite and c.id in self.selected]
 
     def unavailable(self, check: PlannedCheck) -> str | None:
         cls = backend_class(check.backend)
@@ -112,7 +114,9 @@ class CertifySession:
             rows = []
             for check in self.plans[name]:
                 row = self.results[name].get(check.id)
-                if row is None:
+                if row is None and check.id not in self.selected:
+                    row = self.row(check, Verdict("not_run", "not selected by --backend/--dtype in this run"))
+                elif row is None:
                     row = self.row(check, Verdict("not_run", "not executed in this run (deselected or interrupted)"))
                 rows.append(row)
             in_repo = spec.source is None or spec.source.parent == SPECS_DIR.resolve()
