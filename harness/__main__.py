@@ -1,4 +1,4 @@
-"""Command line: `python -m harness {schema,validate,list}`."""
+"""Command line: `python -m harness {schema,validate,list,convert}`."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,22 @@ def main(argv: list[str] | None = None) -> int:
     validate = sub.add_parser("validate", help="validate spec files, importing their plugins")
     validate.add_argument("specs", nargs="+", type=Path)
     sub.add_parser("list", help="list the models in model_specs/")
+    convert = sub.add_parser("convert", help="convert a checkpoint HF <-> Megatron-core shards (streaming)",
+                             description="Streams tensors one at a time: memory stays near the largest tensor.")
+    convert.add_argument("--to", choices=("mcore", "hf"), required=True,
+                         help="mcore: HF checkpoint -> pp{p}_tp{t}.safetensors + harness_layout.json; "
+                              "hf: back to config.json + model.safetensors")
+    convert.add_argument("--tp", type=int, default=None, help="tensor-parallel size (--to mcore; default 1)")
+    convert.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (--to mcore; default 1)")
+    convert.add_argument("--template", default=None, help="converter template (default: the config's model_type)")
+    convert.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                         help="import this plugin first (e.g. one that registers a template); repeatable")
+    convert.add_argument("in_dir", type=Path)
+    convert.add_argument("out_dir", type=Path)
+    from . import verify
+
+    verify.add_arguments(sub.add_parser("verify", help="check certificate.json files against the schema and "
+                                                        "their own checks (exit 1 if any is invalid)"))
     args = parser.parse_args(argv)
 
     if args.command == "schema":
@@ -28,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sys.stdout.write(json_schema())
         return 0
+    if args.command == "convert":
+        from .convert.stream import run
+
+        return run(args)
+    if args.command == "verify":
+        return verify.run(args)
     if args.command == "list":
         for name in known_model_names():
             print(name)

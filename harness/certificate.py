@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +41,7 @@ def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports are meant to be published
     os.replace(tmp, path)
 
 
@@ -80,4 +82,16 @@ def write(cert: dict[str, Any], report_dir: Path) -> Path:
     out = Path(report_dir) / cert["model"]
     _atomic_write(out / "certificate.json", json.dumps(cert, indent=2, sort_keys=False, default=str) + "\n")
     _atomic_write(out / "summary.md", render_markdown(cert))
+    _write_html(cert, Path(report_dir))
     return out
+
+
+def _write_html(cert: dict[str, Any], report_dir: Path) -> None:
+    """<model>/index.html and the report folder's index.html; a rendering bug never costs the certificate."""
+    try:
+        from .report import write_pages
+
+        write_pages(cert, report_dir)
+    except Exception as exc:  # noqa: BLE001 - certificate.json (the contract) is already written
+        print(f"harness: HTML report for {cert.get('model')!r} not written: {type(exc).__name__}: {exc}",
+              file=sys.stderr)

@@ -22,12 +22,17 @@ SUITE_VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 BACKEND_SUITES: dict[str, tuple[str, ...]] = {
     "hf": ("hf",),
     "megatron": ("config", "roundtrip", "logits", "train"),
-    "deepspeed": ("train",),
+    "deepspeed": ("train", "logits"),
     "vllm": ("config", "logits"),
     "sglang": ("logits",),
     "lmdeploy": ("config", "logits"),
 }
 PER_LAYOUT = {("megatron", "logits"), ("megatron", "train")}
+# backend-specific dtype-dependent variants replacing the suite's default ones
+BACKEND_VARIANTS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("deepspeed", "train"): tuple(f"zero{stage}-ws{world}" for stage in range(4) for world in (1, 2)),
+    ("deepspeed", "logits"): ("zero3-infer",),
+}
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ def build_plan(spec: Spec, backends: list[str] | None = None, dtypes: list[str] 
             continue
         for suite in BACKEND_SUITES[backend]:
             agnostic, per_dtype = SUITE_VARIANTS[suite]
+            per_dtype = BACKEND_VARIANTS.get((backend, suite), per_dtype)
             layouts = [lay.id for lay in spec.parallel] if (backend, suite) in PER_LAYOUT else [""]
             for variant in agnostic:
                 plan.append(PlannedCheck(spec.name, suite, backend, variant))

@@ -266,7 +266,7 @@ def test_stack_needs_one_single_side():
 
 
 def test_concat_both_directions():
-    a, b = torch.ones(2, 3), torch.zeros(1, 3)
+    a = torch.ones(2, 3)
     many_to_one = ConcatConverOp(hf_names=["a", "b"], mca_names="ab", dim=0)
     fused = many_to_one._hf_to_mca([a, torch.full((2, 3), 5.0)])
     assert torch.equal(fused, torch.cat([a, torch.full((2, 3), 5.0)]))
@@ -279,7 +279,6 @@ def test_concat_both_directions():
     assert torch.equal(one_to_many._mca_to_hf([a, a + 1]), torch.cat([a, a + 1], dim=1))
     with pytest.raises(ValueError):
         ConcatConverOp(hf_names=["a", "b"], mca_names=["c", "d"])
-    del b
 
 
 def test_copy_duplicates_and_reads_back_the_first():

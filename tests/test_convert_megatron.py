@@ -69,36 +69,42 @@ def materialize(hf: Worker, spec_path, dtype: str) -> str:
                                    "dtype": dtype}, timeout=300)["dir"]
 
 
-@pytest.mark.parametrize("variation,config,dtype", [
+VARIATIONS = [  # (name, reference.config changes, dtype)
     ("tied", {"tie_word_embeddings": True}, "bfloat16"),
     ("mqa", {"num_key_value_heads": 1}, "float32"),
     ("mha", {"num_key_value_heads": 4}, "float32"),  # == num_attention_heads
-])
-def test_qwen2_variation_roundtrips_through_megatron(shared, make_spec, variation, config, dtype):
-    spec_path = make_spec(spec_with(f"qwen2-{variation}", dtypes=[dtype], **config))
-    assert load_spec(spec_path).template_name == "qwen2"  # the shared Megatron worker's template
-    directory = materialize(shared["hf"], spec_path, dtype)
+]
 
-    m = shared["megatron"].call("roundtrip", {"dir": directory}, timeout=300)
 
-    shapes = judge_names_shapes(m["mca_shapes"], m["expected_shapes"])
-    assert shapes.status == "passed", shapes.reason
-    exact = judge_bit_exact(m, resolve(dtype, None, ["roundtrip_max_abs_diff"]))
-    assert exact.status == "passed", exact.reason
-    assert m["comparison"]["max_abs_diff"] == 0 and m["comparison"]["tensors"] > 0
-    assert judge_consumption(m).status == "passed"
-    assert m["mca_dtypes"] == [f"torch.{dtype}"]
+def test_qwen2_variations_roundtrip_through_megatron(shared, make_spec):
+    # One test, not parametrized: under pytest-xdist a parametrized set lands on both processes and each
+    # would start its own pair of workers.
+    for variation, config, dtype in VARIATIONS:
+        spec_path = make_spec(spec_with(f"qwen2-{variation}", dtypes=[dtype], **config), filename=f"{variation}.yaml")
+        assert load_spec(spec_path).template_name == "qwen2"  # the shared Megatron worker's template
+        directory = materialize(shared["hf"], spec_path, dtype)
 
-    heads, hidden = 4, 128
-    groups = config.get("num_key_value_heads", 2)
-    head_dim = hidden // heads
-    qkv = (heads + 2 * groups) * head_dim
-    assert m["expected_shapes"]["decoder.layers.0.self_attention.linear_qkv.weight"] == [qkv, hidden]
-    assert m["expected_shapes"]["decoder.layers.0.self_attention.linear_qkv.bias"] == [qkv]
-    assert m["expected_shapes"]["decoder.layers.0.mlp.linear_fc1.weight"] == [2 * 256, hidden]
-    tied = config.get("tie_word_embeddings", False)
-    assert ("output_layer.weight" in m["expected_shapes"]) is (not tied)
-    assert ("output_layer.weight" in m["mca_shapes"]) is (not tied)
+        m = shared["megatron"].call("roundtrip", {"dir": directory}, timeout=300)
+
+        where = f"variation {variation} ({config}, {dtype})"
+        shapes = judge_names_shapes(m["mca_shapes"], m["expected_shapes"])
+        assert shapes.status == "passed", f"{where}: {shapes.reason}"
+        exact = judge_bit_exact(m, resolve(dtype, None, ["roundtrip_max_abs_diff"]))
+        assert exact.status == "passed", f"{where}: {exact.reason}"
+        assert m["comparison"]["max_abs_diff"] == 0 and m["comparison"]["tensors"] > 0, where
+        assert judge_consumption(m).status == "passed", where
+        assert m["mca_dtypes"] == [f"torch.{dtype}"], where
+
+        heads, hidden, ffn = 4, 128, 256
+        groups = config.get("num_key_value_heads", 2)
+        qkv = (heads + 2 * groups) * (hidden // heads)
+        expected = m["expected_shapes"]
+        assert expected["decoder.layers.0.self_attention.linear_qkv.weight"] == [qkv, hidden], where
+        assert expected["decoder.layers.0.self_attention.linear_qkv.bias"] == [qkv], where
+        assert expected["decoder.layers.0.mlp.linear_fc1.weight"] == [2 * ffn, hidden], where
+        tied = config.get("tie_word_embeddings", False)
+        assert ("output_layer.weight" in expected) is (not tied), where
+        assert ("output_layer.weight" in m["mca_shapes"]) is (not tied), where
 
 
 def test_plugin_template_missing_qkv_bias_is_named(shared, make_spec):

@@ -9,6 +9,7 @@ from .base import Backend, package_versions
 MODULES = {
     "hf": "harness.backends.hf",
     "megatron": "harness.backends.megatron",
+    "deepspeed": "harness.backends.deepspeed",
 }
 ALL_BACKENDS = ("hf", "vllm", "sglang", "lmdeploy", "megatron", "deepspeed")
 

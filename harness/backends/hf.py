@@ -80,5 +80,15 @@ class HFBackend(Backend):
         save_file(outputs, out_path)
         return {"path": out_path}
 
+    def op_train_reference(self, dir: str, dtype: str, sequences: list[list[int]], out_dir: str,  # noqa: A002
+                           steps: int) -> dict[str, Any]:
+        """The plain-torch reference train step (AdamW), saved for the train-step checks."""
+        from ..train_step import make_batch, reference_step, save_train_result
+
+        torch_model, _ = self._load(dir, dtype)
+        torch_model.train()
+        result = reference_step(torch_model, make_batch(sequences), steps)
+        return save_train_result(result, out_dir)
+
 
 BACKEND = HFBackend

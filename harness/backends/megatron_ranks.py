@@ -79,6 +79,7 @@ def run_rank(rank: int, world: int, port: int, job_path: str) -> None:
         flag = torch.tensor([len(problems)], dtype=torch.long, device=device)
         dist.all_reduce(flag)  # every rank skips the forward together if any shard failed to load
         if problems:
+            Path(job["out_dir"]).mkdir(parents=True, exist_ok=True)  # nothing else has created it yet
             (Path(job["out_dir"]) / f"load_problems_pp{pp_rank}_tp{tp_rank}.json").write_text(json.dumps(problems))
         if flag.item():
             del model

@@ -56,7 +56,7 @@ def judge(per_set: dict[str, dict[str, Any]], tolerance: dict[str, float], where
             if bad:
                 problems.append(f"{where} prompt set {set_name!r}: {metric} = {m[metric]:.4g} "
                                 f"{'>' if upper else '<'} {bound:.4g}")
-    metrics: dict[str, Any] = {**worst(per_set), "per_set": per_set}
+    metrics: dict[str, Any] = {**(worst(per_set) if per_set else {}), "per_set": per_set}  # empty: nothing loaded
     if calibration:
         metrics["calibration"] = calibration
     return from_problems(problems, metrics, tolerance, what="logit parity violations")

@@ -1,0 +1,54 @@
+"""DeepSpeed as ROLL's deepspeed_train / deepspeed_infer strategies run it.
+
+Every case (ZeRO stage x dtype x world size) runs in fresh processes: DeepSpeed keeps global
+state and, under ZeRO-3, patches torch functions. deepspeed 0.19.8 on CPU needs
+DS_ACCELERATOR=cpu and gloo; its first run JIT-builds a comm op into TORCH_EXTENSIONS_DIR
+(~150 s cold, cached afterwards).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .base import Backend
+from .megatron import _free_port
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+    suites = ("train", "logits")
+    packages = ("torch", "deepspeed")
+
+    def setup(self) -> None:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    def _spawn(self, job: dict[str, Any], world: int) -> None:
+        import torch.multiprocessing as mp
+
+        from .deepspeed_ranks import run_rank
+
+        with tempfile.TemporaryDirectory(prefix="harness-ds-") as tmp:
+            job_path = f"{tmp}/job.json"
+            Path(job_path).write_text(json.dumps(job))
+            mp.start_processes(run_rank, args=(world, _free_port(), job_path), nprocs=world,
+                               start_method="spawn", join=True)
+
+    def op_train(self, dir: str, stage: int, dtype: str, world: int, sequences: list[list[int]],  # noqa: A002
+                 steps: int, out_dir: str) -> dict[str, Any]:
+        self._spawn({"mode": "train", "dir": dir, "stage": stage, "dtype": dtype, "sequences": sequences,
+                     "steps": steps, "out_dir": out_dir}, world)
+        return json.loads((Path(out_dir) / "result.json").read_text())
+
+    def op_logprobs(self, dir: str, dtypes: list[str], prompts: dict[str, list[list[int]]],  # noqa: A002
+                    out_dir: str, stage: int = 3, world: int = 1) -> dict[str, Any]:
+        """deepspeed_infer: ZeRO-3 (by default) eval forward, full-vocabulary log-probs."""
+        for dtype in dtypes:
+            self._spawn({"mode": "infer", "dir": dir, "stage": stage, "dtype": dtype, "prompts": prompts,
+                         "out_dir": f"{out_dir}/{dtype}"}, world)
+        return {"files": {d: f"{out_dir}/{d}/logprobs.safetensors" for d in dtypes}, "load_problems": []}
+
+
+BACKEND = DeepSpeedBackend

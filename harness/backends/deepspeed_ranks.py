@@ -1,0 +1,96 @@
+"""One rank of a DeepSpeed case (spawned by the DeepSpeed backend; gloo on CPU)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def _config(stage: int, dtype: str) -> dict:
+    from ..train_step import OPTIMIZER
+
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {**OPTIMIZER, "betas": list(OPTIMIZER["betas"]), "torch_adam": True}},
+        # ZeRO-3 would otherwise replace F.linear globally with its memory-efficient version
+        "zero_optimization": {"stage": stage, "memory_efficient_linear": False},
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "gradient_clipping": 0.0,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def run_rank(rank: int, world: int, port: int, job_path: str) -> None:
+    job = json.loads(Path(job_path).read_text())
+    os.environ.update(DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = AutoModelForCausalLM.from_pretrained(job["dir"], dtype=torch.float32)
+    engine, *_ = deepspeed.initialize(model=model, config=_config(job["stage"], job["dtype"]),
+                                      model_parameters=[p for p in model.parameters() if p.requires_grad])
+    if job["mode"] == "train":
+        _train(engine, job, rank, world, torch, dist)
+    else:
+        _infer(engine, job, rank, torch)
+    dist.barrier()
+
+
+def _train(engine, job, rank, world, torch, dist) -> None:
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+    from safetensors.torch import save_file
+
+    from ..train_step import IGNORE, loss_sum_and_count, make_batch
+
+    batch = make_batch(job["sequences"])
+    total = int((batch["labels"] != IGNORE).sum())
+    mine = {k: v[rank::world] for k, v in batch.items()}  # this data-parallel rank's rows
+    losses, grads = [], {}
+    for step in range(job["steps"]):
+        logits = engine(input_ids=mine["input_ids"], attention_mask=mine["attention_mask"]).logits
+        loss_sum, _ = loss_sum_and_count(logits, mine["labels"])
+        # DeepSpeed averages gradients over ranks: scale so the average is d(global token mean)
+        engine.backward(loss_sum / total * world)
+        reported = loss_sum.detach().clone()
+        dist.all_reduce(reported)
+        losses.append(float(reported) / total)
+        if step == 0:
+            for name, param in engine.module.named_parameters():
+                grad = safe_get_full_grad(param)  # collective under ZeRO-3: every rank calls it
+                if grad is not None:
+                    grads[name] = grad.detach().float().clone()
+        engine.step()
+    weights = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)  # None for plain ZeRO-0 fp32: the param itself is the master copy
+        weights[name] = (param if full is None else full).detach().float().clone()
+    if rank == 0:
+        out = Path(job["out_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in grads.items()}, str(out / "grads.safetensors"))
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "weights.safetensors"))
+        (out / "result.json").write_text(json.dumps({"losses": losses, "grads": str(out / "grads.safetensors"),
+                                                     "weights": str(out / "weights.safetensors")}))
+
+
+def _infer(engine, job, rank, torch) -> None:
+    from safetensors.torch import save_file
+
+    from ..train_step import make_batch
+
+    engine.eval()
+    outputs = {}
+    with torch.no_grad():
+        for name, seqs in job["prompts"].items():
+            batch = make_batch(seqs)
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            outputs[name] = torch.log_softmax(logits.float(), dim=-1).contiguous()
+    if rank == 0:
+        Path(job["out_dir"]).mkdir(parents=True, exist_ok=True)
+        save_file(outputs, f"{job['out_dir']}/logprobs.safetensors")

@@ -1,0 +1,261 @@
+"""`python -m harness verify`: a real certificate verifies; hand-edited ones are rejected with a reason."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from jsonschema import Draft202012Validator
+
+from harness import certificate
+from harness.__main__ import main as harness_main
+from harness.verify import schema, tolerance_violations
+
+REPO = Path(__file__).resolve().parent.parent
+QWEN2_SPEC = REPO / "model_specs" / "qwen2.yaml"
+
+
+@pytest.fixture(scope="module")
+def real_cert_path(tmp_path_factory) -> Path:
+    """One real certificate, written by the harness (HF backend only: ~20 s)."""
+    report_dir = tmp_path_factory.mktemp("reports")
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--model", "qwen2",
+                           "--backend", "hf", "--report-dir", str(report_dir)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    path = report_dir / "qwen2" / "certificate.json"
+    assert path.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return path
+
+
+@pytest.fixture
+def real_cert(real_cert_path) -> dict:
+    return json.loads(real_cert_path.read_text())
+
+
+@pytest.fixture
+def verify(tmp_path, capsys):
+    """Write `cert` (a dict, or raw text) and run the CLI on it: (exit status, output lines)."""
+    counter = iter(range(1000))
+
+    def _verify(*certs, spec: Path | None = None, extra: list[str] | None = None) -> tuple[int, list[str]]:
+        paths = []
+        for cert in certs:
+            path = tmp_path / f"cert{next(counter)}" / "certificate.json"
+            path.parent.mkdir()
+            path.write_text(cert if isinstance(cert, str) else json.dumps(cert, indent=2))
+            paths.append(str(path))
+        argv = ["verify", *paths, *(["--spec", str(spec)] if spec else []), *(extra or [])]
+        status = harness_main(argv)
+        return status, capsys.readouterr().out.splitlines()
+
+    return _verify
+
+
+def _passed(cert: dict, id_part: str) -> dict:
+    return next(c for c in cert["checks"] if id_part in c["id"] and c["status"] == "passed")
+
+
+# ---- the schema itself ----
+
+def test_schema_is_a_valid_draft_2020_12_schema_for_this_version():
+    Draft202012Validator.check_schema(schema())
+    assert schema()["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema()["properties"]["certificate_version"]["const"] == certificate.CERTIFICATE_VERSION
+    assert schema()["$id"].endswith(f"v{certificate.CERTIFICATE_VERSION}")
+
+
+def test_schema_statuses_are_the_verdict_statuses():
+    from typing import get_args
+
+    from harness.verdict import Status
+
+    assert set(schema()["$defs"]["check"]["properties"]["status"]["enum"]) == set(get_args(Status))
+
+
+# ---- real certificates ----
+
+def test_real_certificate_verifies_via_the_cli(real_cert_path):
+    proc = subprocess.run([sys.executable, "-m", "harness", "verify", str(real_cert_path), "--spec", str(QWEN2_SPEC)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == f"OK {real_cert_path}: incomplete"
+
+
+def test_real_certificate_has_passed_checks_with_tolerances(real_cert):
+    # so that the tolerance test below edits a check the harness really wrote
+    check = _passed(real_cert, "/save-load/")
+    assert check["tolerance"] == {"save_load_max_abs_diff": 0.0} and check["metrics"]["max_abs_diff"] == 0.0
+
+
+def test_certified_certificate_verifies(verify, real_cert):
+    cert = copy.deepcopy(real_cert)
+    cert["checks"] = [c for c in cert["checks"] if c["status"] == "passed"]
+    cert["verdict"] = "certified"
+    status, out = verify(cert)
+    assert status == 0 and out[0].endswith(": certified")
+
+
+# ---- tampered certificates ----
+
+def test_rejects_certified_verdict_with_a_failed_check(verify, real_cert):
+    cert = copy.deepcopy(real_cert)
+    cert["checks"] = [c for c in cert["checks"] if c["status"] == "passed"]
+    cert["checks"][0]["status"] = "failed"
+    cert["verdict"] = "certified"
+    status, out = verify(cert)
+    assert status == 1
+    assert out[0].startswith("INVALID ") and "verdict 'certified' but the checks" in out[0] and "'failed'" in out[0]
+
+
+def test_rejects_incomplete_verdict_edited_to_certified(verify, real_cert):
+    cert = copy.deepcopy(real_cert)
+    cert["verdict"] = "certified"  # not_run checks remain
+    status, out = verify(cert)
+    assert status == 1 and "give 'incomplete'" in out[0]
+
+
+def test_rejects_passed_check_beyond_its_tolerance(verify, real_cert):
+    cert = copy.deepcopy(real_cert)
+    check = _passed(cert, "/save-load/")
+    check["metrics"]["max_abs_diff"] = 0.5
+    status, out = verify(cert)
+    assert status == 1
+    assert f"check {check['id']!r} is passed but max_abs_diff = 0.5 > save_load_max_abs_diff 0.0" in out[0]
+
+
+def test_failed_check_beyond_tolerance_is_consistent(verify, real_cert):
+    cert = copy.deepcopy(real_cert)
+    check = _passed(cert, "/save-load/")
+    check["metrics"]["max_abs_diff"] = 0.5
+    check["status"], check["reason"] = "failed", "1 differences after save->load: ..."
+    cert["verdict"] = "failed"
+    status, out = verify(cert)
+    assert status == 0 and out[0].endswith(": failed")
+
+
+@pytest.mark.parametrize("where", ["top", "check"])
+def test_rejects_missing_required_key(verify, real_cert, where):
+    cert = copy.deepcopy(real_cert)
+    if where == "top":
+        del cert["spec_sha256"]
+    else:
+        del cert["checks"][3]["status"]
+    status, out = verify(cert)
+    assert status == 1 and "schema:" in out[0] and "'" + ("spec_sha256" if where == "top" else "status") in out[0]
+    if where == "check":
+        assert "checks/3" in out[0]
+
+
+def test_rejects_unknown_status_value(verify, real_cert):
+    cert = copy.deepcopy(real_cert)
+    cert["checks"][0]["status"] = "skipped"
+    status, out = verify(cert)
+    assert status == 1 and "schema: checks/0/status: 'skipped' is not one of" in out[0]
+
+
+def test_rejects_unknown_verdict_and_extra_keys(verify, real_cert):
+    cert = copy.deepcopy(real_cert)
+    cert["verdict"] = "certified-ish"
+    assert verify(cert)[0] == 1
+    cert = copy.deepcopy(real_cert)
+    cert["checks"][0]["waived"] = True
+    status, out = verify(cert)
+    assert status == 1 and "'waived' was unexpected" in out[0]
+
+
+def test_rejects_duplicate_check_ids(verify, real_cert):
+    cert = copy.deepcopy(real_cert)
+    cert["checks"].append(copy.deepcopy(cert["checks"][0]))
+    status, out = verify(cert)
+    assert status == 1 and f"duplicate check id {cert['checks'][0]['id']!r}" in out[0]
+
+
+def test_rejects_check_id_that_does_not_match_its_fields(verify, real_cert):
+    cert = copy.deepcopy(real_cert)
+    cert["checks"][0]["id"] = cert["checks"][0]["id"].replace("qwen2/", "llama/", 1)
+    status, out = verify(cert)
+    assert status == 1 and "does not match its fields" in out[0]
+
+
+def test_spec_hash(verify, real_cert, tmp_path):
+    assert verify(real_cert, spec=QWEN2_SPEC)[0] == 0
+    edited = tmp_path / "qwen2.yaml"
+    edited.write_text(QWEN2_SPEC.read_text().replace("rope_theta: 1000000.0", "rope_theta: 10000.0"))
+    status, out = verify(real_cert, spec=edited)
+    assert status == 1 and "spec_sha256" in out[0] and f"is not the sha256 of {edited}" in out[0]
+
+
+def test_spec_for_another_model_is_rejected(verify, real_cert):
+    status, out = verify(real_cert, spec=REPO / "model_specs" / "llama.yaml")
+    assert status == 1 and "no --spec given for model 'qwen2'" in out[0]
+
+
+@pytest.mark.parametrize("text", ["", "{\"model\": ", "not json at all", "[1, 2"])
+def test_rejects_not_json(verify, text):
+    status, out = verify(text)
+    assert status == 1 and ": not JSON: " in out[0]
+
+
+def test_rejects_non_object_json_and_duplicate_json_keys(verify, real_cert):
+    assert verify("[]")[0] == 1
+    text = json.dumps(real_cert).replace('"verdict": "incomplete"', '"verdict": "incomplete", "verdict": "certified"', 1)
+    status, out = verify(text)
+    assert status == 1 and "JSON key 'verdict' appears twice" in out[0]
+
+
+def test_rejects_unsupported_version(verify, real_cert):
+    cert = copy.deepcopy(real_cert)
+    cert["certificate_version"] = 2
+    status, out = verify(cert)
+    assert status == 1 and "unsupported certificate_version 2" in out[0]
+
+
+def test_missing_file_and_several_certificates(verify, real_cert, tmp_path, capsys):
+    bad = copy.deepcopy(real_cert)
+    bad["checks"][1]["status"] = "bogus"
+    status, out = verify(real_cert, bad)
+    assert status == 1 and out[0].startswith("OK ") and out[1].startswith("INVALID ") and len(out) == 2
+    assert harness_main(["verify", str(tmp_path / "absent.json")]) == 1
+    assert "INVALID" in capsys.readouterr().out
+
+
+# ---- the generic tolerance rule, on the metric shapes the suites record ----
+
+def _check(metrics: dict, tolerance: dict) -> dict:
+    return {"status": "passed", "metrics": metrics, "tolerance": tolerance}
+
+
+LOGIT_TOL = {"max_abs_logprob": 1e-4, "mean_abs_logprob": 1e-5, "min_top1_agreement": 1.0,
+             "min_topk_overlap": 0.99, "min_greedy_equal": 1.0, "max_mean_exp_abs_logprob": 1.0001}
+LOGIT_OK = {"max_abs_logprob": 5e-5, "mean_abs_logprob": 1e-6, "top1_agreement": 1.0, "topk_overlap": 1.0,
+            "greedy_equal": 1.0, "mean_exp_abs_logprob": 1.00001, "per_set": {"a": {"max_abs_logprob": 9.0}}}
+
+
+def test_tolerance_rule_on_logit_metrics():
+    assert tolerance_violations(_check(LOGIT_OK, LOGIT_TOL)) == []  # nested per_set values are not judged
+    for metric, value, expected in [("max_abs_logprob", 2e-4, "max_abs_logprob = 0.0002 > max_abs_logprob"),
+                                    ("mean_abs_logprob", 1e-4, "mean_abs_logprob = 0.0001 > mean_abs_logprob"),
+                                    ("top1_agreement", 0.875, "top1_agreement = 0.875 < min_top1_agreement"),
+                                    ("mean_exp_abs_logprob", 1.5, "mean_exp_abs_logprob = 1.5 > max_mean_exp")]:
+        problems = tolerance_violations(_check({**LOGIT_OK, metric: value}, LOGIT_TOL))
+        assert len(problems) == 1 and problems[0].startswith(expected), problems
+
+
+def test_tolerance_rule_is_conservative():
+    # nothing to match, non-numeric, bool, or nested: not judged
+    assert tolerance_violations(_check({"forward": {"unconsumed": {"x": 1}}}, {"unconsumed": 0})) == []
+    assert tolerance_violations(_check({"expected": 17, "produced": 17}, {"mismatches": 0})) == []
+    assert tolerance_violations(_check({"max_abs_diff": "n/a"}, {"roundtrip_max_abs_diff": 0.0})) == []
+    assert tolerance_violations(_check({"missing_keys": True}, {"missing_keys": 0})) == []
+    # a suffix two recorded metrics could claim is ambiguous: not judged; a unique one is
+    assert tolerance_violations(_check({"max_b": 1.0, "max_a_max_b": 1.0}, {"q_max_a_max_b": 0.0})) == []
+    assert tolerance_violations(_check({"max_b": 1.0, "a_max_b": 1.0}, {"q_a_max_b": 0.0})) != []
+    # NaN never satisfies a bound
+    assert tolerance_violations(_check({"max_abs_diff": math.nan}, {"roundtrip_max_abs_diff": 0.0}))
