@@ -1,15 +1,18 @@
 """Benchmark: the streaming `python -m harness convert` against a plain safetensors load + save.
 
-    .venv/bin/python bench/convert.py [--rounds 2] [--keep]
+    .venv/bin/python bench/convert.py [--rounds 3]
 
 Builds (once, cached) a random Qwen2-0.5B-shaped bf16 checkpoint (~1 GB; hidden 896, 24 layers,
 14 heads, 2 KV heads, intermediate 4864, vocab 151936, tied embeddings) tensor by tensor, without
-instantiating the HF model. Then, side by side, each in a fresh subprocess so that its peak RSS
+instantiating the HF model (written with harness.convert.stream.StreamWriter, whose output the tests
+check is byte-identical to safetensors.save_file). Then, interleaved for --rounds rounds, each in a
+fresh subprocess so that its peak RSS
 (VmHWM from /proc/self/status, printed by the child at exit; ru_maxrss would include
 the forking parent's peak, which Linux carries over exec) is its own:
   baseline: safetensors load_file + save_file of the checkpoint,
   convert:  `python -m harness convert --to mcore --tp 1 --pp 1` (its main(), in-process in the child).
 Goals: convert time <= 1.5 x baseline time; peak RSS <= 3 x largest tensor + 1 GiB.
+The machine may be shared: the table shows every round, CPU time next to elapsed time.
 Not a test; CI does not run it.
 """
 from __future__ import annotations

@@ -39,9 +39,19 @@ def loss_sum_and_count(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return F.cross_entropy(flat, target, ignore_index=IGNORE, reduction="sum"), int((target != IGNORE).sum())
 
 
-def reference_step(model, batch: dict[str, torch.Tensor], steps: int = STEPS) -> dict[str, Any]:
-    """Plain torch: N AdamW steps on the whole batch. Returns losses, first-step grads, final weights."""
+def reference_step(model, batch: dict[str, torch.Tensor], steps: int = STEPS,
+                   warmup_zero_steps: int = 0) -> dict[str, Any]:
+    """Plain torch: N AdamW steps on the whole batch. Returns losses, first-step grads, final weights.
+
+    warmup_zero_steps emulates optimizers that initialise Adam's state with zero-gradient steps
+    before training (DeepSpeed's FP16_UnfusedOptimizer.initialize_optimizer_states does one): each
+    applies decoupled weight decay once and advances Adam's step count.
+    """
     optimizer = torch.optim.AdamW(model.parameters(), **OPTIMIZER)
+    for _ in range(warmup_zero_steps):
+        for param in model.parameters():
+            param.grad = torch.zeros_like(param)
+        optimizer.step()
     total = int((batch["labels"] != IGNORE).sum())
     losses, grads = [], {}
     for step in range(steps):

@@ -38,16 +38,21 @@ def _tolerance(certify, check, prompts):
 
 def test_logits(check, certify, request):
     spec = certify.specs[check.model]
-    layout = next(lay for lay in spec.parallel if lay.id == check.layout)
     with certify.judging(check) as box:
         ref_dir = certify.reference_dir(check.model, "float32")
         prompts = _prompts(ref_dir)
         reference = _reference(certify, check.model, "float32")
         dtypes = [d for d in spec.dtypes if not certify.dtypes or d in certify.dtypes]
-        run = certify.call(check.model, check.backend, "logprobs", dir=ref_dir, dtypes=dtypes, tp=layout.tp,
-                           pp=layout.pp, prompts=prompts, out_dir=str(certify.scratch(check.model) / check.layout))
+        out_dir = str(certify.scratch(check.model) / f"{check.backend}-{check.variant}{check.layout}")
+        extra = {}
+        if check.layout:  # a parallel layout of a trainer backend
+            layout = next(lay for lay in spec.parallel if lay.id == check.layout)
+            extra = {"tp": layout.tp, "pp": layout.pp}
+        run = certify.call(check.model, check.backend, "logprobs", dir=ref_dir, dtypes=dtypes, prompts=prompts,
+                           out_dir=out_dir, **extra)
         tolerance, calibration = _tolerance(certify, check, prompts)
         per_set = {} if run["load_problems"] else compare_files(reference, run["files"][check.dtype], prompts)
-        box["verdict"] = logits.judge(per_set, tolerance, f"{check.layout} {check.dtype}", run["load_problems"],
+        where = " ".join(p for p in (check.variant, check.layout, check.dtype) if p)
+        box["verdict"] = logits.judge(per_set, tolerance, where, run["load_problems"],
                                       calibration)
     conclude(request, certify, check, box["verdict"], box["seconds"])

@@ -5,6 +5,7 @@ one subprocess run checks the real command line's exit status and stderr.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from harness.__main__ import main
-from harness.convert import dist, get_template
+from harness.convert import RenameConverOp, dist, get_template, register_template
 from harness.convert import stream as stream_mod
 from harness.convert.layer_spec import to_local
 
@@ -73,11 +74,12 @@ def assert_same_state(actual: dict[str, torch.Tensor], expected: dict[str, torch
     assert bad == []
 
 
-def reference_shards(model_dir: Path, tp: int, pp: int) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+def reference_shards(model_dir: Path, tp: int, pp: int,
+                     template_name: str | None = None) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
     """What the Megatron backend's op_logprobs writes: whole-model conversion in memory, then dist.shard."""
     from transformers import AutoConfig
 
-    template = get_template(json.loads((model_dir / "config.json").read_text())["model_type"])
+    template = get_template(template_name or json.loads((model_dir / "config.json").read_text())["model_type"])
     view = template.mca_config(AutoConfig.from_pretrained(model_dir))
     mca, report = template.hf_to_mca(load_file(model_dir / "model.safetensors"), view)
     assert report.problems() == []
@@ -203,18 +205,77 @@ def test_streaming_keeps_few_tensors_alive(models, tmp_path, capsys, monkeypatch
     real_read = stream_mod.read_tensor
 
     def tracked(fd, entry):
-        tensor = real_read(fd, entry)
+        tensor, mapped = real_read(fd, entry)
         nbytes = entry.end - entry.start
         alive[0] += nbytes
         peak[0] = max(peak[0], alive[0])
         weakref.finalize(tensor, lambda: alive.__setitem__(0, alive[0] - nbytes))
-        return tensor
+        return tensor, mapped
 
     monkeypatch.setattr(stream_mod, "read_tensor", tracked)
     assert convert(capsys, "--to", "mcore", "--tp", 2, src, tmp_path / "out")[0] == 0
     assert alive[0] == 0
     # q, k and v wait for each other; nothing else outlives its own conversion
     assert 0 < peak[0] <= 3 * max(sizes) < sum(sizes) / 2
+
+
+@pytest.mark.parametrize("metadata", [None, {"format": "pt"}])
+def test_stream_writer_is_byte_identical_to_save_file_for_every_dtype(tmp_path, metadata):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 5), (7,), (), (0, 4), (2, 1, 3)]
+    tensors = {}
+    for i, (code, dtype) in enumerate(sorted(stream_mod.TORCH_DTYPES.items())):
+        raw = torch.randint(0, 256, (256,), generator=gen, dtype=torch.uint8)
+        shape = shapes[i % len(shapes)]
+        count = int(torch.tensor(shape).prod()) if shape else 1
+        size = torch.empty((), dtype=dtype).element_size()
+        tensors[f"t.{code}.{i}"] = raw[: count * size].view(dtype).reshape(shape)
+        tensors[f"s.{i}"] = torch.zeros(i, dtype=dtype)
+    save_file(tensors, tmp_path / "reference.safetensors", metadata=metadata)
+    writer = stream_mod.StreamWriter(tmp_path / "streamed.safetensors",
+                                     {n: (stream_mod.SAFETENSORS_DTYPES[t.dtype], tuple(t.shape)) for n, t in tensors.items()},
+                                     metadata)
+    for name in sorted(tensors, reverse=True):  # any order
+        writer.write(name, tensors[name])
+    writer.close()
+    assert writer.missing == set()
+    assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+
+
+class DoubleInPlace(RenameConverOp):
+    """A rename that scales its input in place (allowed: inputs are private copy-on-write mappings)."""
+
+    def _hf_to_mca(self, weights):
+        weights[0].mul_(2)
+        return weights
+
+
+def test_untouched_tensors_copy_file_to_file_and_changed_ones_do_not(models, tmp_path, capsys, monkeypatch):
+    import harness.templates.qwen2  # noqa: F401
+
+    base = get_template("qwen2")
+    ops = [DoubleInPlace(hf_names=op.hf_names, mca_names=op.mca_names) if op.hf_names == ["model.norm.weight"]
+           else copy.deepcopy(op) for op in base.weight_converters]
+    register_template("qwen2-inplace-test", config_hf_to_mca=base.config_hf_to_mca, weight_converters=ops,
+                      hf_layer_prefix=base.hf_layer_prefix, constant_mca_config=base.constant_mca_config)
+    copied = []
+    real_copy = os.copy_file_range
+
+    def tracked(src, dst, count, offset_src=None, offset_dst=None):
+        copied.append(count)
+        return real_copy(src, dst, count, offset_src, offset_dst)
+
+    monkeypatch.setattr(os, "copy_file_range", tracked)
+    src = models["qwen2-untied-f32"]
+    rc, _, err = convert(capsys, "--to", "mcore", "--pp", 2, "--template", "qwen2-inplace-test", src, tmp_path / "out")
+    assert (rc, err) == (0, "")
+
+    state = load_file(src / "model.safetensors")
+    assert sum(copied) >= state["model.embed_tokens.weight"].nbytes + state["lm_head.weight"].nbytes
+    expected = reference_shards(src, 1, 2, "qwen2-inplace-test")
+    assert torch.equal(expected[(1, 0)]["decoder.final_layernorm.weight"], 2 * state["model.norm.weight"])
+    for (p, t), shard in expected.items():
+        assert_same_state(load_file(tmp_path / "out" / f"pp{p}_tp{t}.safetensors"), shard)
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2, OUT_DIR untouched

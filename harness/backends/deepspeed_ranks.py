@@ -51,7 +51,7 @@ def _train(engine, job, rank, world, torch, dist) -> None:
     batch = make_batch(job["sequences"])
     total = int((batch["labels"] != IGNORE).sum())
     mine = {k: v[rank::world] for k, v in batch.items()}  # this data-parallel rank's rows
-    losses, grads = [], {}
+    losses, grads, warmup = [], {}, 0
     for step in range(job["steps"]):
         logits = engine(input_ids=mine["input_ids"], attention_mask=mine["attention_mask"]).logits
         loss_sum, _ = loss_sum_and_count(logits, mine["labels"])
@@ -66,6 +66,8 @@ def _train(engine, job, rank, world, torch, dist) -> None:
                 if grad is not None:
                     grads[name] = grad.detach().float().clone()
         engine.step()
+        if step == 0:
+            warmup = _optimizer_steps(engine) - 1
     weights = {}
     for name, param in engine.module.named_parameters():
         full = safe_get_full_fp32_param(param)  # None for plain ZeRO-0 fp32: the param itself is the master copy
@@ -76,7 +78,19 @@ def _train(engine, job, rank, world, torch, dist) -> None:
         save_file({k: v.contiguous() for k, v in grads.items()}, str(out / "grads.safetensors"))
         save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "weights.safetensors"))
         (out / "result.json").write_text(json.dumps({"losses": losses, "grads": str(out / "grads.safetensors"),
-                                                     "weights": str(out / "weights.safetensors")}))
+                                                     "weights": str(out / "weights.safetensors"),
+                                                     "optimizer_warmup_steps": warmup}))
+
+
+def _optimizer_steps(engine) -> int:
+    """Adam's own step counter after the first engine step (1 unless the optimizer warmed up by itself).
+
+    deepspeed 0.19.8 ZeRO-0 + bf16 wraps AdamW in FP16_UnfusedOptimizer, whose
+    initialize_optimizer_states() takes one zero-gradient step first: the counter reads 2.
+    """
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    counters = [int(state["step"]) for state in inner.state.values() if "step" in state]
+    return max(counters, default=1)
 
 
 def _infer(engine, job, rank, torch) -> None:

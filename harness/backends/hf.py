@@ -81,13 +81,13 @@ class HFBackend(Backend):
         return {"path": out_path}
 
     def op_train_reference(self, dir: str, dtype: str, sequences: list[list[int]], out_dir: str,  # noqa: A002
-                           steps: int) -> dict[str, Any]:
+                           steps: int, warmup_zero_steps: int = 0) -> dict[str, Any]:
         """The plain-torch reference train step (AdamW), saved for the train-step checks."""
         from ..train_step import make_batch, reference_step, save_train_result
 
         torch_model, _ = self._load(dir, dtype)
         torch_model.train()
-        result = reference_step(torch_model, make_batch(sequences), steps)
+        result = reference_step(torch_model, make_batch(sequences), steps, warmup_zero_steps)
         return save_train_result(result, out_dir)
 
 

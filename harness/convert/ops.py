@@ -7,6 +7,7 @@ Sharding for tensor/pipeline parallelism is applied afterwards, elsewhere.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ class StackedTensors:
         return torch.cat(self.tensors, dim=self.dim)
 
 
+@functools.lru_cache(maxsize=None)  # Converter.add asks for every op's patterns on every tensor
 def name_pattern(name: str) -> re.Pattern:
     """'{}' matches any text (layer-local names like '.mlp.experts.{}.w1.weight')."""
     return re.compile("^" + re.escape(name).replace(re.escape("{}"), "(.*?)") + "$")

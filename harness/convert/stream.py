@@ -38,6 +38,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -178,12 +179,12 @@ class SafetensorsFile:
         return cls(path, entries, metadata)
 
 
-def read_tensor(fd: int, entry: Entry) -> torch.Tensor:
-    """One tensor, mapped from the file (copy-on-write) and unmapped when the tensor is freed.
+def read_tensor(fd: int, entry: Entry) -> tuple[torch.Tensor, bool]:
+    """One tensor, and whether it is mapped from the file (copy-on-write; unmapped when freed).
 
     Only this tensor's pages are mapped, so resident memory stays at the tensors alive, and
     nothing is copied that the conversion does not copy itself. A tensor whose bytes are not
-    aligned for its dtype is read into its own memory instead.
+    aligned for its dtype, or a file that cannot be mapped, is read into its own memory.
     """
     nbytes = entry.end - entry.start
     dtype = entry.torch_dtype
@@ -192,11 +193,11 @@ def read_tensor(fd: int, entry: Entry) -> torch.Tensor:
         base = entry.start - entry.start % mmap.ALLOCATIONGRANULARITY
         try:
             mapped = mmap.mmap(fd, entry.end - base, access=mmap.ACCESS_COPY, offset=base)
-        except (OSError, ValueError):  # a file system without mmap: read it instead
+        except (OSError, ValueError):
             mapped = None
         if mapped is not None:
             flat = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=entry.start - base)
-            return flat.view(dtype).reshape(entry.shape)  # keeps `mapped` alive until the tensor dies
+            return flat.view(dtype).reshape(entry.shape), True  # keeps `mapped` alive until the tensor dies
     tensor = torch.empty(entry.shape, dtype=dtype)
     buf = _byte_view(tensor)
     done = 0
@@ -205,7 +206,50 @@ def read_tensor(fd: int, entry: Entry) -> torch.Tensor:
         if n <= 0:
             raise OSError(f"unexpected end of file reading {entry.name}")
         done += n
-    return tensor
+    return tensor, False
+
+
+class SourceReader:
+    """Reads input tensors and remembers which still are the file's bytes, untouched.
+
+    A piece to write that is a contiguous view of such a tensor (a renamed tensor, a pipeline
+    stage's share of a tp=1 checkpoint) is then copied file to file by the kernel
+    (copy_file_range) instead of through memory. Views share their base's version counter,
+    so any in-place change to the tensor disqualifies it.
+    """
+
+    def __init__(self, paths):
+        self.fds = {path: os.open(path, os.O_RDONLY) for path in paths}
+        self._mapped: dict[int, tuple] = {}  # id(tensor) -> (weakref, first byte, end, fd, offset, version)
+
+    def read(self, path, entry: Entry) -> torch.Tensor:
+        fd = self.fds[path]
+        tensor, mapped = read_tensor(fd, entry)
+        if mapped:
+            ptr = tensor.data_ptr()
+            self._mapped[id(tensor)] = (weakref.ref(tensor), ptr, ptr + entry.end - entry.start, fd, entry.start,
+                                        tensor._version)
+        return tensor
+
+    def origin(self, piece: torch.Tensor) -> tuple[int, int] | None:
+        """(fd, file offset) holding exactly this piece's bytes, if any."""
+        if not piece.is_contiguous() or piece.numel() == 0:
+            return None
+        ptr = piece.data_ptr()
+        end = ptr + piece.numel() * piece.element_size()
+        for key, (ref, first, last, fd, offset, version) in list(self._mapped.items()):
+            base = ref()
+            if base is None:
+                del self._mapped[key]
+            elif first <= ptr and end <= last and base._version == version == piece._version:
+                return fd, offset + (ptr - first)
+        return None
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+        self._mapped.clear()
 
 
 def _byte_view(tensor: torch.Tensor) -> memoryview:
@@ -255,7 +299,8 @@ class StreamWriter:
             os.ftruncate(self.fd, total)
         self._pwrite(memoryview(head), 0)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, origin: tuple[int, int] | None = None) -> None:
+        """Writes the tensor's bytes; `origin` (fd, offset) says a file already holds exactly those bytes."""
         if name not in self.entries:
             raise ConvertError(self.label, f"{name} was not planned for this file")
         if name not in self.missing:
@@ -264,8 +309,27 @@ class StreamWriter:
         if SAFETENSORS_DTYPES.get(tensor.dtype) != dtype or tuple(tensor.shape) != tuple(shape):
             raise ConvertError(self.label, f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, "
                                           f"planned {dtype} {tuple(shape)}")
-        self._pwrite(_byte_view(tensor.contiguous()), self.offsets[name][0])
+        start, end = self.offsets[name]
+        if not (origin and self._copy(origin, start, end - start)):
+            self._pwrite(_byte_view(tensor.contiguous()), start)
         self.missing.discard(name)
+
+    _copy_works = hasattr(os, "copy_file_range")
+
+    def _copy(self, origin: tuple[int, int], offset: int, nbytes: int) -> bool:
+        fd, src = origin
+        done = 0
+        try:
+            while done < nbytes and StreamWriter._copy_works:
+                n = os.copy_file_range(fd, self.fd, min(nbytes - done, _IO_CHUNK), src + done, offset + done)
+                if n <= 0:
+                    return False
+                done += n
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+                raise
+            StreamWriter._copy_works = False  # not on this kernel or file system: write from memory
+        return done == nbytes
 
     def _pwrite(self, buf: memoryview, offset: int) -> None:
         done = 0
@@ -456,6 +520,14 @@ def _first_problem(report, locate: dict[str, Path], fallback: Path) -> ConvertEr
     return ConvertError(locate.get(tensor, fallback), f"{first}{more}")
 
 
+def _write_shards(outputs: dict[str, torch.Tensor], layout: dist.Layout,
+                  writers: dict[tuple[int, int], StreamWriter], reader: SourceReader) -> None:
+    """Shards converted tensors and writes every piece (a function, so that nothing outlives the call)."""
+    for mca_name, tensor in outputs.items():
+        for key, local, piece in _shard_one(mca_name, tensor, layout):
+            writers[key].write(local, piece, reader.origin(piece))
+
+
 def to_mcore(in_dir: Path, out_dir: Path, tp: int = 1, pp: int = 1, template_name: str | None = None,
              plugins: list[str] = ()) -> Path:
     in_dir, out_dir = Path(in_dir), Path(out_dir)
@@ -511,16 +583,13 @@ def to_mcore(in_dir: Path, out_dir: Path, tp: int = 1, pp: int = 1, template_nam
             file_name = f"pp{key[0]}_tp{key[1]}.safetensors"
             writers[key] = StreamWriter(out.path(file_name), entries, label=out_dir / file_name)
         converter = template.converter(view, to_mca=True)
-        for f in files:
-            fd = os.open(f.path, os.O_RDONLY)
-            try:
+        reader = SourceReader([f.path for f in files])
+        try:
+            for f in files:
                 for e in f.entries:
-                    for mca_name, tensor in converter.add(e.name, read_tensor(fd, e)).items():
-                        for key, local, piece in _shard_one(mca_name, tensor, layout):
-                            writers[key].write(local, piece)
-                        del tensor
-            finally:
-                os.close(fd)
+                    _write_shards(converter.add(e.name, reader.read(f.path, e)), layout, writers, reader)
+        finally:
+            reader.close()
         converter.finish()
         for writer in writers.values():
             writer.close()
@@ -641,11 +710,11 @@ def to_hf(in_dir: Path, out_dir: Path, template_name: str | None = None, plugins
         # pass 2: stream real tensors
         writer = StreamWriter(out.path(HF_WEIGHTS), entries, info.get("hf_metadata"), label=out_dir / HF_WEIGHTS)
         converter = template.converter(view, to_mca=False)
-        fds = {key: os.open(f.path, os.O_RDONLY) for key, f in files.items()}
+        reader = SourceReader([f.path for f in files.values()])
         try:
             for p in range(layout.pp):
                 for e in files[(p, 0)].entries:
-                    pieces = [read_tensor(fds[(p, t)], by_name[(p, t)][e.name]) for t in range(layout.tp)]
+                    pieces = [reader.read(files[(p, t)].path, by_name[(p, t)][e.name]) for t in range(layout.tp)]
                     try:
                         whole = _gather_one(p, e.name, pieces, layout)
                     except ValueError as exc:
@@ -653,11 +722,11 @@ def to_hf(in_dir: Path, out_dir: Path, template_name: str | None = None, plugins
                     del pieces
                     for name, tensor in whole.items():
                         for hf_name, hf_tensor in converter.add(template_name_of(name), tensor).items():
-                            writer.write(hf_name, hf_tensor)
+                            writer.write(hf_name, hf_tensor, reader.origin(hf_tensor))
+                        del tensor
                     del whole
         finally:
-            for fd in fds.values():
-                os.close(fd)
+            reader.close()
         converter.finish()
         writer.close()
         if writer.missing:
