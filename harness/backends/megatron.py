@@ -74,7 +74,7 @@ def build_transformer_config(tc_kwargs: dict[str, Any], dtype: str = "float32", 
 
 class MegatronBackend(Backend):
     name = "megatron"
-    suites = ("config", "roundtrip", "logits")
+    suites = ("config", "roundtrip", "logits", "train")
     packages = ("torch", "megatron-core")
 
     def setup(self) -> None:
@@ -136,9 +136,8 @@ class MegatronBackend(Backend):
         measurement["expected_shapes"] = self._expected_shapes(view)
         return measurement
 
-    def op_logprobs(self, dir: str, dtypes: list[str], tp: int, pp: int,  # noqa: A002
-                    prompts: dict[str, list[list[int]]], out_dir: str, template: str | None = None) -> dict[str, Any]:
-        """Convert, shard for (tp, pp), run tp*pp ranks; log-probs per dtype land in out_dir/<dtype>/."""
+    def _run_ranks(self, dir: str, template: str | None, tp: int, pp: int, job: dict[str, Any]):  # noqa: A002
+        """Convert HF -> Megatron, shard for (tp, pp), and run tp*pp ranks of megatron_ranks on `job`."""
         import json
         import tempfile
 
@@ -148,24 +147,57 @@ class MegatronBackend(Backend):
         from ..convert import dist
         from .megatron_ranks import run_rank
 
-        hf_config, template, kwargs, absent, view = self._template_and_view(dir, template)
-        state = self._load_hf_state(dir)
-        mca_state, report = template.hf_to_mca(state, view)
+        hf_config, template_obj, kwargs, absent, view = self._template_and_view(dir, template)
+        mca_state, report = template_obj.hf_to_mca(self._load_hf_state(dir), view)
         layout = dist.Layout(tp, pp, int(view.num_layers), bool(view.get("tie_embeddings_and_output_weights")),
                              dist.stacked_suffixes(report.stacked))
         with tempfile.TemporaryDirectory(prefix="harness-mcore-") as tmp:
             for (p, t), shard in dist.shard(mca_state, layout).items():
                 save_file(shard, f"{tmp}/pp{p}_tp{t}.safetensors")
-            job = {"tp": tp, "pp": pp, "dtypes": dtypes, "prompts": prompts, "shard_dir": tmp, "out_dir": out_dir,
+            job = {**job, "tp": tp, "pp": pp, "shard_dir": tmp, "tied": layout.tied,
                    "mca_kwargs": view.transformer_config_kwargs(), "gpt_kwargs": view.gpt_model_kwargs()}
-            job_path = f"{tmp}/job.json"
-            Path(job_path).write_text(json.dumps(job, default=str))
-            mp.start_processes(run_rank, args=(tp * pp, _free_port(), job_path), nprocs=tp * pp,
+            Path(f"{tmp}/job.json").write_text(json.dumps(job, default=str))
+            mp.start_processes(run_rank, args=(tp * pp, _free_port(), f"{tmp}/job.json"), nprocs=tp * pp,
                                start_method="spawn", join=True)
-        load_problems = [p for f in sorted(Path(out_dir).glob("load_problems_*.json"))
+        load_problems = [p for f in sorted(Path(job["out_dir"]).glob("load_problems_*.json"))
                          for p in json.loads(f.read_text())]
+        return template_obj, view, layout, mca_state, report, load_problems
+
+    def op_logprobs(self, dir: str, dtypes: list[str], tp: int, pp: int,  # noqa: A002
+                    prompts: dict[str, list[list[int]]], out_dir: str, template: str | None = None) -> dict[str, Any]:
+        """Convert, shard for (tp, pp), run tp*pp ranks; log-probs per dtype land in out_dir/<dtype>/."""
+        *_, report, load_problems = self._run_ranks(dir, template, tp, pp, {
+            "mode": "logprobs", "dtypes": dtypes, "prompts": prompts, "out_dir": out_dir})
         return {"out_dir": out_dir, "files": {d: f"{out_dir}/{d}/logprobs.safetensors" for d in dtypes},
                 "conversion_problems": report.problems(), "load_problems": load_problems}
+
+    def op_train(self, dir: str, dtype: str, tp: int, pp: int, sequences: list[list[int]], steps: int,  # noqa: A002
+                 out_dir: str, template: str | None = None) -> dict[str, Any]:
+        """ROLL's megatron_train step on the fixed batch; grads and weights come back under HF names
+        through the template's reverse direction (the part of a template only training exercises)."""
+        import json
+
+        from safetensors.torch import load_file, save_file
+
+        from ..convert import dist
+        from ..convert.layer_spec import to_local
+        from ..train_step import save_train_result
+
+        template_obj, view, layout, mca_state, report, load_problems = self._run_ranks(dir, template, tp, pp, {
+            "mode": "train", "dtype": dtype, "sequences": sequences, "steps": steps, "out_dir": out_dir})
+        if load_problems:
+            raise RuntimeError("converted shards do not load: " + "; ".join(load_problems[:5]))
+        template_names = {to_local(name): name for name in mca_state}  # the template may spell TE names
+        result: dict[str, Any] = {"losses": json.loads((Path(out_dir) / "losses.json").read_text())}
+        for kind in ("grads", "weights"):
+            shards = {(p, t): load_file(f"{out_dir}/{kind}_pp{p}_tp{t}.safetensors")
+                      for p in range(pp) for t in range(tp)}
+            whole = {template_names.get(n, n): v for n, v in dist.gather(shards, layout).items()}
+            hf, back = template_obj.mca_to_hf(whole, view)
+            result[kind] = hf
+            result[f"{kind}_conversion_problems"] = back.problems()
+        saved = save_train_result(result, f"{out_dir}/hf")
+        return {**saved, "conversion_problems": result["grads_conversion_problems"]}
 
     def _load_hf_state(self, directory: str):
         from safetensors.torch import load_file
