@@ -30,6 +30,7 @@ class DeepSpeedBackend(Backend):
 
         from .deepspeed_ranks import run_rank
 
+        job = {**job, "spec_path": str(self.spec.source) if self.spec and self.spec.source else None}
         with tempfile.TemporaryDirectory(prefix="harness-ds-") as tmp:
             job_path = f"{tmp}/job.json"
             Path(job_path).write_text(json.dumps(job))

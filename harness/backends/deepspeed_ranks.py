@@ -22,17 +22,42 @@ def _config(stage: int, dtype: str) -> dict:
     }
 
 
+# ---- seams: the trainer-side steps ROLL's deepspeed strategy performs, one function each ----
+def provide_model(directory: str):
+    """ROLL's model provider: AutoModelForCausalLM.from_pretrained, trainable in fp32 master weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+
+
+def trainer_batch(sequences: list[list[int]]):
+    from ..train_step import make_batch
+
+    return make_batch(sequences)
+
+
+def rank_loss(loss_sum, total: int, world: int):
+    """DeepSpeed averages gradients over ranks: scale so the average is d(global token mean)."""
+    return loss_sum / total * world
+
+
 def run_rank(rank: int, world: int, port: int, job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
+    if job.get("spec_path"):
+        # the user's plugins (model classes registered with AutoModelForCausalLM) must exist in every rank
+        from ..spec import load_spec
+        from ..spec_plugins import import_spec_plugins
+
+        import_spec_plugins(load_spec(job["spec_path"]))
     os.environ.update(DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import deepspeed
     import torch
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
 
     deepspeed.init_distributed(dist_backend="gloo")
-    model = AutoModelForCausalLM.from_pretrained(job["dir"], dtype=torch.float32)
+    model = provide_model(job["dir"])
     engine, *_ = deepspeed.initialize(model=model, config=_config(job["stage"], job["dtype"]),
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
     if job["mode"] == "train":
@@ -46,17 +71,16 @@ def _train(engine, job, rank, world, torch, dist) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
     from safetensors.torch import save_file
 
-    from ..train_step import IGNORE, loss_sum_and_count, make_batch
+    from ..train_step import IGNORE, loss_sum_and_count
 
-    batch = make_batch(job["sequences"])
+    batch = trainer_batch(job["sequences"])
     total = int((batch["labels"] != IGNORE).sum())
     mine = {k: v[rank::world] for k, v in batch.items()}  # this data-parallel rank's rows
     losses, grads, warmup = [], {}, 0
     for step in range(job["steps"]):
         logits = engine(input_ids=mine["input_ids"], attention_mask=mine["attention_mask"]).logits
         loss_sum, _ = loss_sum_and_count(logits, mine["labels"])
-        # DeepSpeed averages gradients over ranks: scale so the average is d(global token mean)
-        engine.backward(loss_sum / total * world)
+        engine.backward(rank_loss(loss_sum, total, world))
         reported = loss_sum.detach().clone()
         dist.all_reduce(reported)
         losses.append(float(reported) / total)

@@ -1,0 +1,83 @@
+"""Train-step checks have teeth: planted trainer/provider/template bugs fail and the message names what diverged.
+
+Bugs are injected the way they happen: a plugin replaces one trainer-side step (model provider, batch,
+loss reduction) inside the backend's rank processes only, or a template's reverse direction is wrong.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fixtures.prompts import prompt_sets
+from harness.checks import train
+from harness.tolerances import resolve
+from harness.train_step import STEPS
+from harness.workers import Worker
+
+from .conftest import REPO, base_spec
+
+BUGS = REPO / "tests" / "data" / "train_bugs"
+needs = {name: importlib.util.find_spec(name) is None for name in ("deepspeed", "megatron")}
+TOLERANCE = resolve("float32", {}, list(train.TRAIN_METRICS))
+
+
+def _spec(tmp: Path, plugin: str | None, tied: bool = False, **changes) -> Path:
+    spec = base_spec("trainbug", plugins=[str(BUGS / plugin)] if plugin else ["harness.templates.qwen2"],
+                     dtypes=["float32"], **changes)
+    spec["reference"]["config"]["tie_word_embeddings"] = tied
+    path = tmp / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _run(tmp: Path, spec_path: Path, backend: str, **args):
+    """Reference and backend train results for one spec (fresh workers: plugins are per spec)."""
+    data = yaml.safe_load(spec_path.read_text())
+    hf, worker = Worker("hf", str(spec_path)), Worker(backend, str(spec_path))
+    try:
+        ref_dir = hf.call("materialize", {"model_type": data["hf_model_type"], "overrides": data["reference"]["config"],
+                                          "seed": 0, "dtype": "float32", "path": None})["dir"]
+        seqs = prompt_sets(data["reference"]["config"]["vocab_size"])["padded_batch"]
+        ref = hf.call("train_reference", {"dir": ref_dir, "dtype": "float32", "sequences": seqs,
+                                          "out_dir": str(tmp / "ref"), "steps": STEPS})
+        got = worker.call("train", {"dir": ref_dir, "dtype": "float32", "sequences": seqs, "steps": STEPS,
+                                    "out_dir": str(tmp / "backend"), **args}, timeout=600)
+        return train.judge(train.measure(ref, got), TOLERANCE, f"{backend} float32")
+    finally:
+        hf.close()
+        worker.close()
+
+
+DS_ARGS = {"stage": 2, "world": 2}
+
+
+@pytest.mark.skipif(needs["deepspeed"], reason="deepspeed not installed")
+@pytest.mark.parametrize("plugin, tied, expected", [
+    ("loss_summed.py", False, "first-step gradient of"),
+    ("frozen_param.py", False, "model.layers.0.mlp.down_proj.weight: no value from the backend"),
+    ("label_shift.py", False, "loss differs"),
+    ("untied.py", True, "lm_head.weight: the backend has it, the reference does not"),
+])
+def test_deepspeed_planted_bug_fails(tmp_path, plugin, tied, expected):
+    verdict = _run(tmp_path, _spec(tmp_path, plugin, tied), "deepspeed", **DS_ARGS)
+    assert verdict.status == "failed"
+    assert expected in verdict.reason, verdict.reason
+
+
+@pytest.mark.skipif(needs["deepspeed"], reason="deepspeed not installed")
+def test_plugin_registered_model_class_trains_like_a_builtin(tmp_path):
+    spec = _spec(tmp_path, "custom_model.py", hf_model_type="tinycustom", backends={"train": ["deepspeed"],
+                                                                                    "infer": ["hf"]})
+    verdict = _run(tmp_path, spec, "deepspeed", **DS_ARGS)
+    assert verdict.status == "passed", verdict.reason
+
+
+@pytest.mark.skipif(needs["megatron"], reason="megatron-core not installed")
+def test_reverse_only_gate_up_swap_fails_the_megatron_train_step(tmp_path):
+    spec = _spec(tmp_path, "gate_up_swap_back.py")
+    verdict = _run(tmp_path, spec, "megatron", tp=1, pp=1, template="qwen2-swap-back")
+    assert verdict.status == "failed"
+    assert "gate_proj.weight" in verdict.reason and "up_proj.weight" in verdict.reason
