@@ -173,6 +173,14 @@ def _controller_session(report):
 @pytest.hookimpl(trylast=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
     _CONFIG[:] = [session.config]
+    certify_session = session.config.stash.get(SESSION_KEY, None)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if certify_session is not None and reporter is not None and session.config.get_verbosity() >= 0:
+        def progress(message: str) -> None:
+            reporter.ensure_newline()
+            reporter.write_line(message, cyan=True)
+
+        certify_session.progress = progress
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -192,8 +200,25 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         return
     terminalreporter.section("certification")
     for name, (folder, cert) in written.items():
-        counts: dict[str, int] = {}
-        for check in cert["checks"]:
-            counts[check["status"]] = counts.get(check["status"], 0) + 1
-        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        terminalreporter.write_line(f"{name}: {cert['verdict'].upper()} ({summary}) -> {folder}/certificate.json")
+        _model_summary(terminalreporter, certify_session, name, folder, cert)
+
+
+def _model_summary(tr, certify_session, name: str, folder, cert: dict) -> None:
+    """One screen per model: verdict, suite x status counts, worker times, where the reports are."""
+    colour = {"certified": {"green": True}, "failed": {"red": True}, "incomplete": {"yellow": True}}
+    tr.write_line(f"{name}: {cert['verdict'].upper()}", bold=True, **colour.get(cert["verdict"], {}))
+    table: dict[tuple[str, str], dict[str, int]] = {}
+    for check in cert["checks"]:
+        cell = table.setdefault((check["suite"], check["backend"]), {})
+        cell[check["status"]] = cell.get(check["status"], 0) + 1
+    for (suite, backend), cell in sorted(table.items()):
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(cell.items()))
+        tr.write_line(f"  {suite:10} {backend:10} {counts}")
+    for (model, backend), times in sorted(certify_session.worker_times.items()):
+        if model == name:
+            tr.write_line(f"  worker {backend:10} start {times['start_s']:.1f}s, {times['calls']:.0f} calls, "
+                          f"{times['busy_s']:.1f}s busy")
+    failed = [c for c in cert["checks"] if c["status"] in ("failed", "error")]
+    for check in failed[:10]:
+        tr.write_line(f"  ✗ {check['id']}: {check['reason'].splitlines()[0][:160]}", red=True)
+    tr.write_line(f"  reports: {folder}/index.html, certificate.json, summary.md")

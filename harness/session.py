@@ -35,6 +35,9 @@ class CertifySession:
         self.results: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in self.specs}
         self.versions = package_versions()
         self._memo: dict[str, Any] = {}
+        # (model, backend) -> {"start_s", "calls", "busy_s"}: how long each worker took, for people
+        self.worker_times: dict[tuple[str, str], dict[str, float]] = {}
+        self.progress = lambda message: None  # the pytest plugin points this at the terminal
 
     # ---- planning ----
     def checks_for(self, suite: str) -> list[PlannedCheck]:
@@ -54,12 +57,22 @@ class CertifySession:
         key = json.dumps([model, backend, op, args], sort_keys=True, default=str)
         if key not in self._memo:
             spec = self.specs[model]
-            worker = self.pool.get(backend, str(spec.source) if spec.source else None)
-            self.versions.update(worker.versions)
+            times = self.worker_times.setdefault((model, backend), {"start_s": 0.0, "calls": 0, "busy_s": 0.0})
+            if not times["calls"]:
+                self.progress(f"[{model}] starting the {backend} worker")
+            started = time.monotonic()
             try:
+                worker = self.pool.get(backend, str(spec.source) if spec.source else None)
+                times["start_s"] = round(worker.start_seconds, 2)
+                self.versions.update(worker.versions)
                 self._memo[key] = ("ok", worker.call(op, args, timeout=spec.worker_timeout_s))
             except WorkerError as exc:
                 self._memo[key] = ("error", exc)
+            times["calls"] += 1
+            times["busy_s"] = round(times["busy_s"] + time.monotonic() - started, 2)
+            shown = {k: v for k, v in args.items() if k in ("dtype", "dtypes", "tp", "pp", "stage", "world")}
+            self.progress(f"[{model}] {backend}.{op}({', '.join(f'{k}={v}' for k, v in shown.items())}) "
+                          f"{time.monotonic() - started:.1f}s")
         status, value = self._memo[key]
         if status == "error":
             raise value

@@ -39,9 +39,19 @@ def loss_sum_and_count(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return F.cross_entropy(flat, target, ignore_index=IGNORE, reduction="sum"), int((target != IGNORE).sum())
 
 
+def first_update_weights(named_parameters) -> dict[str, torch.Tensor]:
+    """Weights right after the first optimizer step.
+
+    Judged after one step, not N: Adam divides every element by its own gradient RMS, so after a
+    few steps tiny (correct) fp32 differences in small gradients grow into ~lr-sized weight
+    differences. The loss curve still covers all N steps.
+    """
+    return {n: p.detach().float().clone() for n, p in named_parameters}
+
+
 def reference_step(model, batch: dict[str, torch.Tensor], steps: int = STEPS,
                    warmup_zero_steps: int = 0) -> dict[str, Any]:
-    """Plain torch: N AdamW steps on the whole batch. Returns losses, first-step grads, final weights.
+    """Plain torch: N AdamW steps on the whole batch. Returns losses, first-step grads and weights after step one.
 
     warmup_zero_steps emulates optimizers that initialise Adam's state with zero-gradient steps
     before training (DeepSpeed's FP16_UnfusedOptimizer.initialize_optimizer_states does one): each
@@ -64,7 +74,8 @@ def reference_step(model, batch: dict[str, torch.Tensor], steps: int = STEPS,
         if step == 0:
             grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
         optimizer.step()
-    weights = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        if step == 0:
+            weights = first_update_weights(model.named_parameters())
     return {"losses": losses, "grads": grads, "weights": weights}
 
 

@@ -92,10 +92,10 @@ def _train(engine, job, rank, world, torch, dist) -> None:
         engine.step()
         if step == 0:
             warmup = _optimizer_steps(engine) - 1
-    weights = {}
-    for name, param in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(param)  # None for plain ZeRO-0 fp32: the param itself is the master copy
-        weights[name] = (param if full is None else full).detach().float().clone()
+            weights = {}
+            for name, param in engine.module.named_parameters():
+                full = safe_get_full_fp32_param(param)  # None for plain ZeRO-0 fp32: the param is the master copy
+                weights[name] = (param if full is None else full).detach().float().clone()
     if rank == 0:
         out = Path(job["out_dir"])
         out.mkdir(parents=True, exist_ok=True)

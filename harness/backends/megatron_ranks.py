@@ -170,10 +170,11 @@ def _train(r: Rank, shard) -> None:
         r.backward(received, out, loss)
         r.sync_tied_embedding_grads(model)
         if step == 0:
-            grads = {n: p.grad.detach().float().cpu().contiguous() for n, p in model.named_parameters()
+            grads = {n: p.grad.detach().float().cpu().clone() for n, p in model.named_parameters()
                      if p.grad is not None}
         optimizer.step()
-    weights = {n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters()}
+        if step == 0:  # judged after the first update (see harness.train_step.first_update_weights)
+            weights = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
     save_file(grads, str(r.out / f"grads_{r.tag}.safetensors"))
     save_file(weights, str(r.out / f"weights_{r.tag}.safetensors"))
     if r.last and r.tp_rank == 0:
