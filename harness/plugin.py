@@ -1,6 +1,7 @@
 """pytest plugin (entry point `pytest11: certify`): options and hooks only; the work is in harness.session."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -175,10 +176,13 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     _CONFIG[:] = [session.config]
     certify_session = session.config.stash.get(SESSION_KEY, None)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    capture = session.config.pluginmanager.get_plugin("capturemanager")
     if certify_session is not None and reporter is not None and session.config.get_verbosity() >= 0:
         def progress(message: str) -> None:
-            reporter.ensure_newline()
-            reporter.write_line(message, cyan=True)
+            # progress is written from inside test bodies: step around pytest's output capture
+            with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+                reporter.ensure_newline()
+                reporter.write_line(message, cyan=True)
 
         certify_session.progress = progress
 

@@ -7,6 +7,7 @@ from harness.checks import train
 from harness.plugin import conclude
 from harness.tolerances import resolve
 from harness.train_step import STEPS
+from harness.verdict import from_problems
 
 SUITE = "train"
 CALIBRATION_FACTOR = 2.0
@@ -53,6 +54,10 @@ def _run_backend(certify, check) -> dict:
 def test_train(check, certify, request):
     with certify.judging(check) as box:
         result = _run_backend(certify, check)
+        if result.get("load_problems"):
+            box["verdict"] = from_problems(result["load_problems"], {}, {}, what="converted shards that do not load")
+            conclude(request, certify, check, box["verdict"], 0.0)
+            return
         # An optimizer that warms Adam up with zero-gradient steps is emulated in the reference, and said so.
         warmup = int(result.get("optimizer_warmup_steps", 0))
         reference = _reference(certify, check.model, "float32", warmup)

@@ -162,11 +162,12 @@ def test_plugin_registered_custom_hf_model_class(make_spec, run_certify):
                      converter={}, backends={"train": ["megatron"], "infer": ["hf"]}, **CHEAP)
     plugin = TINYFANCY_MODEL + _template_from("llama", "tinyfancy")
     spec_path = make_spec(spec, files={"fancy.py": plugin})
-    run = run_certify("--model-spec", str(spec_path), *NO_TRAIN)
+    # the subject is loading and converting a plugin-registered class: logit parity of a Llama is tested elsewhere
+    run = run_certify("--model-spec", str(spec_path), "-k", "not test_train and not test_logits")
     assert run.returncode == 0, run.output[-4000:]
     cert = run.certificate("tinyfancy")
     _assert_contract(cert, spec_path, "tinyfancy")
-    _assert_runnable_checks_pass(cert, skipped_suites=("train",))
+    _assert_runnable_checks_pass(cert, skipped_suites=("train", "logits"))
     load = run.check("tinyfancy", "hf/hf/load/float32")
     assert load["metrics"]["class"].endswith(".TinyFancyForCausalLM"), load["metrics"]
     config = run.check("tinyfancy", "config/megatron")

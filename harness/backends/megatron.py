@@ -185,8 +185,8 @@ class MegatronBackend(Backend):
 
         template_obj, view, layout, mca_state, report, load_problems = self._run_ranks(dir, template, tp, pp, {
             "mode": "train", "dtype": dtype, "sequences": sequences, "steps": steps, "out_dir": out_dir})
-        if load_problems:
-            raise RuntimeError("converted shards do not load: " + "; ".join(load_problems[:5]))
+        if load_problems:  # a converter bug: judged as a failure naming the tensors, not a crash
+            return {"load_problems": load_problems}
         template_names = {to_local(name): name for name in mca_state}  # the template may spell TE names
         result: dict[str, Any] = {"losses": json.loads((Path(out_dir) / "losses.json").read_text())}
         for kind in ("grads", "weights"):
