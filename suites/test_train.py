@@ -51,22 +51,23 @@ def _run_backend(certify, check) -> dict:
                         pp=layout.pp, sequences=_sequences(ref_dir), steps=STEPS, out_dir=out_dir)
 
 
+def _judge(certify, check, result):
+    if result.get("load_problems"):  # the converter produced shards megatron-core cannot load
+        return from_problems(result["load_problems"], {}, {}, what="converted shards that do not load")
+    # An optimizer that warms Adam up with zero-gradient steps is emulated in the reference, and said so.
+    warmup = int(result.get("optimizer_warmup_steps", 0))
+    reference = _reference(certify, check.model, "float32", warmup)
+    tolerance, calibration = _tolerance(certify, check, warmup)
+    where = " ".join(p for p in (check.variant, check.layout, check.dtype) if p)
+    verdict = train.judge(train.measure(reference, result), tolerance, where, calibration)
+    if warmup:
+        verdict.metrics["reference_emulates"] = (
+            f"{warmup} zero-gradient optimizer warm-up step(s) the backend takes before training "
+            "(DeepSpeed FP16_UnfusedOptimizer.initialize_optimizer_states)")
+    return verdict
+
+
 def test_train(check, certify, request):
     with certify.judging(check) as box:
-        result = _run_backend(certify, check)
-        if result.get("load_problems"):
-            box["verdict"] = from_problems(result["load_problems"], {}, {}, what="converted shards that do not load")
-            conclude(request, certify, check, box["verdict"], 0.0)
-            return
-        # An optimizer that warms Adam up with zero-gradient steps is emulated in the reference, and said so.
-        warmup = int(result.get("optimizer_warmup_steps", 0))
-        reference = _reference(certify, check.model, "float32", warmup)
-        tolerance, calibration = _tolerance(certify, check, warmup)
-        where = " ".join(p for p in (check.variant, check.layout, check.dtype) if p)
-        verdict = train.judge(train.measure(reference, result), tolerance, where, calibration)
-        if warmup:
-            verdict.metrics["reference_emulates"] = (
-                f"{warmup} zero-gradient optimizer warm-up step(s) the backend takes before training "
-                "(DeepSpeed FP16_UnfusedOptimizer.initialize_optimizer_states)")
-        box["verdict"] = verdict
+        box["verdict"] = _judge(certify, check, _run_backend(certify, check))
     conclude(request, certify, check, box["verdict"], box["seconds"])
