@@ -5,7 +5,6 @@ import hashlib
 import importlib
 import importlib.util
 import sys
-from pathlib import Path
 from types import ModuleType
 
 from .errors import SpecError

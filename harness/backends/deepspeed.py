@@ -13,8 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .base import Backend
-from .megatron import _free_port
+from .base import Backend, free_port
 
 
 class DeepSpeedBackend(Backend):
@@ -34,7 +33,7 @@ class DeepSpeedBackend(Backend):
         with tempfile.TemporaryDirectory(prefix="harness-ds-") as tmp:
             job_path = f"{tmp}/job.json"
             Path(job_path).write_text(json.dumps(job))
-            mp.start_processes(run_rank, args=(world, _free_port(), job_path), nprocs=world,
+            mp.start_processes(run_rank, args=(world, free_port(), job_path), nprocs=world,
                                start_method="spawn", join=True)
 
     def op_train(self, dir: str, stage: int, dtype: str, world: int, sequences: list[list[int]],  # noqa: A002

@@ -67,15 +67,13 @@ class HFBackend(Backend):
 
         model, _ = self._load(dir, dtype)
         model.eval()
+        from ..train_step import make_batch
+
         outputs = {}
         with torch.no_grad():
             for name, seqs in prompts.items():
-                length = max(len(s) for s in seqs)
-                ids = torch.zeros(len(seqs), length, dtype=torch.long)
-                mask = torch.zeros(len(seqs), length, dtype=torch.long)
-                for i, seq in enumerate(seqs):
-                    ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), 1
-                logits = model(input_ids=ids, attention_mask=mask).logits
+                batch = make_batch(seqs)  # the same right padding every backend gets
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 outputs[name] = torch.log_softmax(logits.float(), dim=-1).contiguous()
         save_file(outputs, out_path)
         return {"path": out_path}

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
-from .base import Backend
+from .base import Backend, free_port
 
 ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "relu": "relu"}
 CPU_SAFE = dict(
@@ -28,12 +27,6 @@ REPORTED_FIELDS = ("hidden_size", "ffn_hidden_size", "num_layers", "num_attentio
                    "kv_channels", "normalization", "layernorm_epsilon", "activation_func", "gated_linear_unit",
                    "attention_dropout", "hidden_dropout", "add_qkv_bias", "add_bias_linear", "window_size",
                    "window_attn_skip_freq", "qk_layernorm")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _activation(name: str):
@@ -82,7 +75,7 @@ class MegatronBackend(Backend):
         from megatron.core import parallel_state, tensor_parallel
 
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         if not dist.is_initialized():
             dist.init_process_group("gloo", rank=0, world_size=1)
         parallel_state.initialize_model_parallel(1, 1)
@@ -157,7 +150,7 @@ class MegatronBackend(Backend):
             job = {**job, "tp": tp, "pp": pp, "shard_dir": tmp, "tied": layout.tied,
                    "mca_kwargs": view.transformer_config_kwargs(), "gpt_kwargs": view.gpt_model_kwargs()}
             Path(f"{tmp}/job.json").write_text(json.dumps(job, default=str))
-            mp.start_processes(run_rank, args=(tp * pp, _free_port(), f"{tmp}/job.json"), nprocs=tp * pp,
+            mp.start_processes(run_rank, args=(tp * pp, free_port(), f"{tmp}/job.json"), nprocs=tp * pp,
                                start_method="spawn", join=True)
         load_problems = [p for f in sorted(Path(job["out_dir"]).glob("load_problems_*.json"))
                          for p in json.loads(f.read_text())]
@@ -177,7 +170,7 @@ class MegatronBackend(Backend):
         through the template's reverse direction (the part of a template only training exercises)."""
         import json
 
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         from ..convert import dist
         from ..convert.layer_spec import to_local

@@ -17,10 +17,10 @@ from pathlib import Path
 def _causal_batch(seqs: list[list[int]]):
     import torch
 
-    length = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), length, dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        ids[i, : len(seq)] = torch.tensor(seq)
+    from ..train_step import make_batch
+
+    ids = make_batch(seqs)["input_ids"]  # the same right padding every backend gets
+    length = ids.shape[1]
     positions = torch.arange(length).expand(len(seqs), length)
     # True = masked. Right padding needs no extra mask: valid positions never attend to later pads.
     mask = torch.triu(torch.ones(length, length, dtype=torch.bool), 1)[None, None].expand(len(seqs), 1, -1, -1)

@@ -64,7 +64,7 @@ def _rope(cfg: dict) -> dict | None:
 
 
 def _mca_rope(b: dict) -> dict:
-    gpt, tc = b["gpt"], b["tc"]
+    gpt = b["gpt"]
     return {
         "rope_theta": float(gpt["rotary_base"]) if gpt["position_embedding_type"] == "rope" else None,
         "rope_type": "llama3" if gpt.get("rope_scaling") else "default",
