@@ -24,19 +24,11 @@ from .conftest import REPO, base_spec
 
 # ---------------------------------------------------------------- pure: hand-built inputs
 
-QWEN2_MAPPING = {
-    "vocab_size": "padded_vocab_size",
-    "hidden_size": "hidden_size",
-    "intermediate_size": "ffn_hidden_size",
-    "num_hidden_layers": "num_layers",
-    "num_attention_heads": "num_attention_heads",
-    "num_key_value_heads": "num_query_groups",
-    "max_position_embeddings": "max_sequence_length",
-    "rms_norm_eps": "layernorm_epsilon",
-    "attention_dropout": "attention_dropout",
-    "rope_parameters": "rope_parameters",
-    "tie_word_embeddings": "tie_embeddings_and_output_weights",
-}
+# the built-in template's own mapping, so these pure tests judge what the harness ships
+import harness.templates.qwen2  # noqa: E402,F401 - registers "qwen2"
+from harness.convert import templates  # noqa: E402
+
+QWEN2_MAPPING = dict(templates["qwen2"].config_hf_to_mca)
 HF_CONFIG = {
     "model_type": "qwen2",
     "architectures": ["Qwen2ForCausalLM"],
