@@ -32,6 +32,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ranks(run_rank, world: int, job_path: str, attempts: int = 3) -> None:
+    """Run `run_rank(rank, world, port, job_path)` in `world` fresh processes.
+
+    The rendezvous port is free when picked but can be taken by another run before rank 0
+    binds it (parallel test workers do this); that one error is retried on a new port.
+    """
+    import torch.multiprocessing as mp
+
+    for attempt in range(attempts):
+        try:
+            mp.start_processes(run_rank, args=(world, free_port(), job_path), nprocs=world,
+                               start_method="spawn", join=True)
+            return
+        except mp.ProcessRaisedException as exc:
+            if "EADDRINUSE" not in str(exc) or attempt == attempts - 1:
+                raise
+
+
 class Backend:
     name: ClassVar[str]
     suites: ClassVar[tuple[str, ...]]  # suites this backend implements

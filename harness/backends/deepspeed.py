@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .base import Backend, free_port
+from .base import Backend, spawn_ranks
 
 
 class DeepSpeedBackend(Backend):
@@ -25,16 +25,13 @@ class DeepSpeedBackend(Backend):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     def _spawn(self, job: dict[str, Any], world: int) -> None:
-        import torch.multiprocessing as mp
-
         from .deepspeed_ranks import run_rank
 
         job = {**job, "spec_path": str(self.spec.source) if self.spec and self.spec.source else None}
         with tempfile.TemporaryDirectory(prefix="harness-ds-") as tmp:
             job_path = f"{tmp}/job.json"
             Path(job_path).write_text(json.dumps(job))
-            mp.start_processes(run_rank, args=(world, free_port(), job_path), nprocs=world,
-                               start_method="spawn", join=True)
+            spawn_ranks(run_rank, world, job_path)
 
     def op_train(self, dir: str, stage: int, dtype: str, world: int, sequences: list[list[int]],  # noqa: A002
                  steps: int, out_dir: str) -> dict[str, Any]:

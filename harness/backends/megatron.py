@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .base import Backend, free_port
+from .base import Backend, free_port, spawn_ranks
 
 ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "relu": "relu"}
 CPU_SAFE = dict(
@@ -134,7 +134,6 @@ class MegatronBackend(Backend):
         import json
         import tempfile
 
-        import torch.multiprocessing as mp
         from safetensors.torch import save_file
 
         from ..convert import dist
@@ -150,8 +149,7 @@ class MegatronBackend(Backend):
             job = {**job, "tp": tp, "pp": pp, "shard_dir": tmp, "tied": layout.tied,
                    "mca_kwargs": view.transformer_config_kwargs(), "gpt_kwargs": view.gpt_model_kwargs()}
             Path(f"{tmp}/job.json").write_text(json.dumps(job, default=str))
-            mp.start_processes(run_rank, args=(tp * pp, free_port(), f"{tmp}/job.json"), nprocs=tp * pp,
-                               start_method="spawn", join=True)
+            spawn_ranks(run_rank, tp * pp, f"{tmp}/job.json")
         load_problems = [p for f in sorted(Path(job["out_dir"]).glob("load_problems_*.json"))
                          for p in json.loads(f.read_text())]
         return template_obj, view, layout, mca_state, report, load_problems
