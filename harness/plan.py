@@ -17,17 +17,21 @@ SUITE_VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "hf": ((), ("load", "save-load")),
     "logits": ((), ("",)),
     "train": ((), ("",)),
+    "registration": (("",), ()),
+    "refit": ((), ("",)),
+    "rollout": ((), ("",)),
 }
 # which suites each backend takes part in, and whether they run per parallel layout
 BACKEND_SUITES: dict[str, tuple[str, ...]] = {
     "hf": ("hf",),
     "megatron": ("config", "roundtrip", "logits", "train"),
     "deepspeed": ("train", "logits"),
-    "vllm": ("config", "logits"),
-    "sglang": ("logits",),
-    "lmdeploy": ("config", "logits"),
+    "vllm": ("config", "registration", "logits", "refit", "rollout"),
+    "sglang": ("registration", "logits", "rollout"),
+    "lmdeploy": ("config", "registration", "logits"),
 }
-PER_LAYOUT = {("megatron", "logits"), ("megatron", "train")}
+# refit: the trainer-side weights are sharded per layout before the reverse conversion gathers them
+PER_LAYOUT = {("megatron", "logits"), ("megatron", "train"), ("vllm", "refit")}
 # backend-specific dtype-dependent variants replacing the suite's default ones
 BACKEND_VARIANTS: dict[tuple[str, str], tuple[str, ...]] = {
     ("deepspeed", "train"): tuple(f"zero{stage}-ws{world}" for stage in range(4) for world in (1, 2)),
@@ -55,6 +59,18 @@ class PlannedCheck:
         return self.id.split("/", 1)[1]
 
 
+def rollout_variants(spec: Spec) -> tuple[str, ...]:
+    """trainer-T<temperature>: who scores the engine's samples, at temperature 1 and the rollout one."""
+    temperatures = sorted({1.0, spec.rollout.temperature})
+    trainers = ["hf", *spec.backends.train]
+    return tuple(f"{trainer}-t{t:g}" for trainer in trainers for t in temperatures)
+
+
+def parse_rollout_variant(variant: str) -> tuple[str, float]:
+    trainer, _, temperature = variant.rpartition("-t")
+    return trainer, float(temperature)
+
+
 def build_plan(spec: Spec, backends: list[str] | None = None, dtypes: list[str] | None = None) -> list[PlannedCheck]:
     chosen_dtypes = [d for d in spec.dtypes if not dtypes or d in dtypes]
     plan: list[PlannedCheck] = []
@@ -64,6 +80,8 @@ def build_plan(spec: Spec, backends: list[str] | None = None, dtypes: list[str] 
         for suite in BACKEND_SUITES[backend]:
             agnostic, per_dtype = SUITE_VARIANTS[suite]
             per_dtype = BACKEND_VARIANTS.get((backend, suite), per_dtype)
+            if suite == "rollout":
+                per_dtype = rollout_variants(spec)
             layouts = [lay.id for lay in spec.parallel] if (backend, suite) in PER_LAYOUT else [""]
             for variant in agnostic:
                 plan.append(PlannedCheck(spec.name, suite, backend, variant))

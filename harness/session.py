@@ -49,7 +49,7 @@ class CertifySession:
             return f"no {check.backend!r} backend module in this harness version yet"
         if check.suite not in cls.suites:
             return f"the {check.backend!r} backend does not implement the {check.suite!r} suite yet"
-        return cls.unavailable()
+        return cls.suite_unavailable(check.suite)
 
     # ---- running ----
     def call(self, model: str, backend: str, op: str, **args: Any) -> dict[str, Any]:

@@ -60,6 +60,38 @@ class Backends(_Strict):
         return names
 
 
+class EngineOptions(_Strict):
+    """How one rollout engine gets the model, the way that engine's own guide has users add one."""
+
+    plugins: list[str] = Field(default_factory=list,
+                               description="python files or modules imported only in this engine's worker "
+                                           "(vLLM: ModelRegistry.register_model; lmdeploy: a ConfigBuilder subclass)")
+    custom_module_map: Path | None = Field(None, description="lmdeploy: a custom_module_map file (relative to the "
+                                                             "spec) mapping architectures to model classes")
+
+
+class Engines(_Strict):
+    vllm: EngineOptions = Field(default_factory=EngineOptions)
+    sglang: EngineOptions = Field(default_factory=EngineOptions)
+    lmdeploy: EngineOptions = Field(default_factory=EngineOptions)
+
+
+class Rollout(_Strict):
+    """The RL side of trainer<->engine parity: how sampled tokens are scored on both sides."""
+
+    temperature: float = Field(0.7, gt=0, description="the rollout sampling temperature (checked beside 1.0)")
+    engine_logprobs: Literal["processed", "raw"] = Field(
+        "processed", description="what the RL stack reads from the engine: logprobs after temperature scaling "
+                                 "(vLLM logprobs_mode=processed_logprobs) or the raw model logprobs")
+    trainer_scales_by_temperature: bool = Field(True, description="the trainer divides logits by the temperature "
+                                                                  "before log_softmax (ROLL, verl, NeMo-RL do)")
+    max_new_tokens: list[int] = Field(default_factory=lambda: [8, 32], min_length=1,
+                                      description="generated lengths of the parity grid")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 4], min_length=1,
+                                   description="samples per grid cell")
+    seed: int = Field(0, ge=0)
+
+
 class Spec(_Strict):
     """One model's certification spec (model_specs/<name>.yaml)."""
 
@@ -73,6 +105,8 @@ class Spec(_Strict):
     parallel: list[Layout] = Field(default_factory=lambda: [Layout()], min_length=1)
     tolerances: dict[Dtype, dict[str, float]] = Field(default_factory=dict)
     config_waivers: dict[str, str] = Field(default_factory=dict, description="HF config key -> why it does not matter")
+    engines: Engines = Field(default_factory=Engines)
+    rollout: Rollout = Field(default_factory=Rollout)
     worker_timeout_s: float = Field(900.0, gt=0, description="per-request timeout of a backend worker")
 
     _source: Path | None = PrivateAttr(None)

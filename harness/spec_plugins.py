@@ -15,8 +15,8 @@ def _is_file(entry: str) -> bool:
     return entry.endswith(".py") or "/" in entry or "\\" in entry
 
 
-def import_plugin(spec: Spec, index: int, entry: str) -> ModuleType:
-    key = f"plugins[{index}]"
+def import_plugin(spec: Spec, index: int, entry: str, field: str = "plugins") -> ModuleType:
+    key = f"{field}[{index}]"
     if _is_file(entry):
         path = spec.resolve_relative(entry)
         if not path.is_file():
@@ -45,6 +45,14 @@ def import_plugin(spec: Spec, index: int, entry: str) -> ModuleType:
 
 def import_spec_plugins(spec: Spec) -> list[ModuleType]:
     return [import_plugin(spec, i, entry) for i, entry in enumerate(spec.plugins)]
+
+
+def import_engine_plugins(spec: Spec, engine: str) -> list[ModuleType]:
+    """An engine's own plugins (engines.<engine>.plugins), imported only inside that engine's worker."""
+    options = getattr(spec.engines, engine, None)
+    if options is None:
+        return []
+    return [import_plugin(spec, i, entry, f"engines.{engine}.plugins") for i, entry in enumerate(options.plugins)]
 
 
 def resolve_template(spec: Spec):

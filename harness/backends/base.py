@@ -50,11 +50,18 @@ def spawn_ranks(run_rank, world: int, job_path: str, attempts: int = 3) -> None:
                 raise
 
 
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class Backend:
     name: ClassVar[str]
     suites: ClassVar[tuple[str, ...]]  # suites this backend implements
     packages: ClassVar[tuple[str, ...]] = ()  # distributions it cannot run without
     needs_gpu: ClassVar[bool] = False
+    gpu_suites: ClassVar[tuple[str, ...]] = ()  # suites that need CUDA although the backend's others do not
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -64,22 +71,28 @@ class Backend:
                 importlib.metadata.version(package)
             except importlib.metadata.PackageNotFoundError:
                 return f"{package} is not installed (pip install {package})"
-        if cls.needs_gpu:
-            import torch
-
-            if not torch.cuda.is_available():
-                return "needs a CUDA GPU; none is visible"
+        if cls.needs_gpu and not _cuda_visible():
+            return "needs a CUDA GPU; none is visible"
         return None
+
+    @classmethod
+    def suite_unavailable(cls, suite: str) -> str | None:
+        """Why one suite of this backend cannot run here (None when it can)."""
+        reason = cls.unavailable()
+        if reason is None and suite in cls.gpu_suites and not _cuda_visible():
+            return f"{cls.name}'s {suite} suite runs on a CUDA GPU; none is visible on this machine"
+        return reason
 
     # ---- worker side ----
     def start(self, spec_path: str | None) -> dict[str, Any]:
         self.spec = None
         if spec_path:
             from ..spec import load_spec
-            from ..spec_plugins import import_spec_plugins
+            from ..spec_plugins import import_engine_plugins, import_spec_plugins
 
             self.spec = load_spec(spec_path)
             import_spec_plugins(self.spec)
+            import_engine_plugins(self.spec, self.name)
         self.setup()
         return {"versions": package_versions()}
 
