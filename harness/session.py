@@ -62,7 +62,9 @@ class CertifySession:
                 self.progress(f"[{model}] starting the {backend} worker")
             started = time.monotonic()
             try:
-                worker = self.pool.get(backend, str(spec.source) if spec.source else None)
+                cls = backend_class(backend)
+                instance = str(args.get("dtype", "")) if cls is not None and cls.worker_per_dtype else ""
+                worker = self.pool.get(backend, str(spec.source) if spec.source else None, instance)
                 times["start_s"] = round(worker.start_seconds, 2)
                 self.versions.update(worker.versions)
                 self._memo[key] = ("ok", worker.call(op, args, timeout=spec.worker_timeout_s))

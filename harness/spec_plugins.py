@@ -116,5 +116,9 @@ def validate_environment(spec: Spec) -> None:
             except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
                 raise SpecError(spec.source, "reference.path",
                                 f"{weight} is not a valid safetensors file: {exc}") from None
+    module_map = spec.engines.lmdeploy.custom_module_map
+    if module_map is not None and not spec.resolve_relative(module_map).is_file():
+        raise SpecError(spec.source, "engines.lmdeploy.custom_module_map",
+                        f"file {str(module_map)!r} does not exist (looked for {spec.resolve_relative(module_map)})")
     if "megatron" in spec.backends.train or spec.converter.template:
         resolve_template(spec)

@@ -18,6 +18,10 @@ DEFAULTS: dict[str, tuple[float, float, str]] = {
     "min_topk_overlap": (0.99, 0.9, "mean top-5 overlap with the reference (lower bound)"),
     "min_greedy_equal": (1.0, 0.9, "fraction of prompts whose greedy next token agrees (lower bound)"),
     "max_mean_exp_abs_logprob": (1.0001, 1.05, "NeMo-RL metric mean(exp(|dlogp|)) (upper bound)"),
+    "min_greedy_sequence_equal": (1.0, 0.5, "fraction of prompts whose whole greedy continuation agrees"),
+    "min_closeness": (1.0, 0.9, "vLLM-style: at the first divergent greedy token each side's token is in the "
+                                "other's top-5 (fraction of prompts)"),
+    "max_prob_diff_mean": (1e-5, 0.005, "verl rollout_probs_diff: mean |p_engine - p_trainer| on realized tokens"),
     "max_loss_diff": (1e-5, 5e-2, "|loss_backend - loss_reference| per step"),
     "max_grad_diff": (1e-5, 5e-2, "max |grad_backend - grad_reference|"),
     "max_weight_diff": (1e-5, 5e-2, "max |updated weight backend - reference|"),
@@ -36,6 +40,8 @@ def resolve(dtype: str, overrides: dict[str, dict[str, float]] | None, metrics: 
 
 LOGIT_METRICS = ("max_abs_logprob", "mean_abs_logprob", "min_top1_agreement", "min_topk_overlap",
                  "min_greedy_equal", "max_mean_exp_abs_logprob")
+ENGINE_LOGIT_METRICS = (*LOGIT_METRICS, "min_greedy_sequence_equal", "min_closeness", "max_prob_diff_mean")
+ROLLOUT_METRICS = ("max_abs_logprob", "mean_abs_logprob", "max_mean_exp_abs_logprob", "max_prob_diff_mean")
 CALIBRATION_FACTOR = 2.0  # a backend may be at most this many times noisier than HF's own bf16 rounding
 
 
@@ -55,3 +61,19 @@ def calibrate(noise: dict[str, float], floor: dict[str, float]) -> dict[str, flo
         "max_mean_exp_abs_logprob": max(floor["max_mean_exp_abs_logprob"],
                                         1 + f * (noise["mean_exp_abs_logprob"] - 1)),
     }
+
+
+def calibrate_more(noise: dict[str, float], floor: dict[str, float],
+                   bounds: dict[str, tuple[str, bool]]) -> dict[str, float]:
+    """calibrate() for any parity metrics: `bounds` maps tolerance key -> (metric, is upper bound)."""
+    f = CALIBRATION_FACTOR
+    out = {}
+    for key, bound in floor.items():
+        metric, upper = bounds[key]
+        if metric == "mean_exp_abs_logprob":
+            out[key] = max(bound, 1 + f * (noise[metric] - 1))
+        elif upper:
+            out[key] = max(bound, f * noise[metric])
+        else:
+            out[key] = min(bound, 1 - f * (1 - noise[metric]))
+    return out

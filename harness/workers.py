@@ -140,14 +140,15 @@ def _kill_all() -> None:
 
 
 class WorkerPool:
-    """One worker per (backend, spec), started on first use and reused."""
+    """One worker per (backend, spec, instance), started on first use and reused."""
 
     def __init__(self):
-        self._workers: dict[tuple[str, str], Worker] = {}
-        self.failed: dict[tuple[str, str], WorkerError] = {}
+        self._workers: dict[tuple[str, str, str], Worker] = {}
+        self.failed: dict[tuple[str, str, str], WorkerError] = {}
 
-    def get(self, backend: str, spec_path: str | None) -> Worker:
-        key = (backend, str(spec_path))
+    def get(self, backend: str, spec_path: str | None, instance: str = "") -> Worker:
+        """`instance` separates workers of one backend (an engine per dtype lives in its own process)."""
+        key = (backend, str(spec_path), instance)
         if key in self.failed:
             raise self.failed[key]
         worker = self._workers.get(key)

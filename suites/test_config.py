@@ -1,5 +1,6 @@
 """Config parsing: every HF config key reaches the backend with the same meaning."""
 from harness.checks import config_parsing
+from harness.backends import backend_class
 from harness.plugin import conclude
 from harness.spec_plugins import resolve_template
 
@@ -9,8 +10,11 @@ SUITE = "config"
 def test_config(check, certify, request):
     spec = certify.specs[check.model]
     with certify.judging(check) as box:
-        reference = certify.reference_dir(check.model, spec.dtypes[0])
-        measurement = certify.call(check.model, check.backend, "config", dir=reference)
+        engine = backend_class(check.backend).worker_per_dtype
+        reference = certify.reference_dir(check.model, "float32" if engine else spec.dtypes[0])
+        # an engine fixed to one dtype per worker reads the config in the spec's first dtype
+        extra = {"dtype": spec.dtypes[0]} if engine else {}
+        measurement = certify.call(check.model, check.backend, "config", dir=reference, **extra)
         # a template named by converter.template is registered under its own key ("qwen2-bad-rope"), not
         # under the model type it serves; that model type is then the spec's hf_model_type
         model_type = spec.hf_model_type if spec.converter.template else resolve_template(spec).hf_model_type

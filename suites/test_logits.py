@@ -7,6 +7,7 @@ from harness.checks import logits
 from harness.metrics import compare_files
 from harness.plugin import conclude
 from harness.tolerances import LOGIT_METRICS, calibrate
+from suites import engine_common
 
 SUITE = "logits"
 
@@ -36,23 +37,40 @@ def _tolerance(certify, check, prompts):
     return {k: tolerance[k] for k in LOGIT_METRICS}, {"method": "2 x HF-bf16 vs HF-fp32 noise", "noise": noise}
 
 
+def _engine_logits(certify, check, ref_dir: str, prompts: dict):
+    """A rollout engine: prompt log-probs and a greedy continuation, against HF's."""
+    vocab = json.loads((Path(ref_dir) / "config.json").read_text())["vocab_size"]
+    out = certify.scratch(check.model) / f"{check.backend}-logits-{check.dtype}.json"
+    run = certify.call(check.model, check.backend, "logprobs", dir=ref_dir, dtype=check.dtype, prompts=prompts,
+                       top_k=engine_common.top_k(vocab), max_new_tokens=engine_common.MAX_NEW_TOKENS,
+                       out_path=str(out))
+    return engine_common.judge_record(certify, check, run["path"], prompts, vocab, check.dtype)
+
+
 def test_logits(check, certify, request):
     spec = certify.specs[check.model]
     with certify.judging(check) as box:
         ref_dir = certify.reference_dir(check.model, "float32")
         prompts = _prompts(ref_dir)
-        reference = _reference(certify, check.model, "float32")
-        dtypes = [d for d in spec.dtypes if not certify.dtypes or d in certify.dtypes]
-        out_dir = str(certify.scratch(check.model) / f"{check.backend}-{check.variant}{check.layout}")
-        extra = {}
-        if check.layout:  # a parallel layout of a trainer backend
-            layout = next(lay for lay in spec.parallel if lay.id == check.layout)
-            extra = {"tp": layout.tp, "pp": layout.pp}
-        run = certify.call(check.model, check.backend, "logprobs", dir=ref_dir, dtypes=dtypes, prompts=prompts,
-                           out_dir=out_dir, **extra)
-        tolerance, calibration = _tolerance(certify, check, prompts)
-        per_set = {} if run["load_problems"] else compare_files(reference, run["files"][check.dtype], prompts)
-        where = " ".join(p for p in (check.variant, check.layout, check.dtype) if p)
-        box["verdict"] = logits.judge(per_set, tolerance, where, run["load_problems"],
-                                      calibration)
+        if check.backend in engine_common.ENGINES:
+            box["verdict"] = _engine_logits(certify, check, ref_dir, prompts)
+        else:
+            box["verdict"] = _trainer_logits(certify, check, spec, ref_dir, prompts)
     conclude(request, certify, check, box["verdict"], box["seconds"])
+
+
+def _trainer_logits(certify, check, spec, ref_dir: str, prompts: dict):
+    """A trainer backend (per parallel layout): full-vocabulary log-probs against HF's."""
+    reference = _reference(certify, check.model, "float32")
+    dtypes = [d for d in spec.dtypes if not certify.dtypes or d in certify.dtypes]
+    out_dir = str(certify.scratch(check.model) / f"{check.backend}-{check.variant}{check.layout}")
+    extra = {}
+    if check.layout:  # a parallel layout of a trainer backend
+        layout = next(lay for lay in spec.parallel if lay.id == check.layout)
+        extra = {"tp": layout.tp, "pp": layout.pp}
+    run = certify.call(check.model, check.backend, "logprobs", dir=ref_dir, dtypes=dtypes, prompts=prompts,
+                       out_dir=out_dir, **extra)
+    tolerance, calibration = _tolerance(certify, check, prompts)
+    per_set = {} if run["load_problems"] else compare_files(reference, run["files"][check.dtype], prompts)
+    where = " ".join(p for p in (check.variant, check.layout, check.dtype) if p)
+    return logits.judge(per_set, tolerance, where, run["load_problems"], calibration)

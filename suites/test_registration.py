@@ -1,4 +1,5 @@
 """Registration: the engine resolves the model's architecture to a model class the way its users register one."""
+from harness.backends import backend_class
 from harness.plugin import conclude
 from harness.verdict import from_problems
 
@@ -7,8 +8,10 @@ SUITE = "registration"
 
 def test_registration(check, certify, request):
     with certify.judging(check) as box:
-        reference = certify.reference_dir(check.model, certify.specs[check.model].dtypes[0])
-        m = certify.call(check.model, check.backend, "registration", dir=reference)
+        dtype = certify.specs[check.model].dtypes[0]
+        reference = certify.reference_dir(check.model, "float32")
+        extra = {"dtype": dtype} if backend_class(check.backend).worker_per_dtype else {}
+        m = certify.call(check.model, check.backend, "registration", dir=reference, **extra)
         box["verdict"] = from_problems(m["problems"], {k: v for k, v in m.items() if k != "problems"},
                                        {"problems": 0}, what="registration problems")
     conclude(request, certify, check, box["verdict"], box["seconds"])

@@ -10,6 +10,9 @@ MODULES = {
     "hf": "harness.backends.hf",
     "megatron": "harness.backends.megatron",
     "deepspeed": "harness.backends.deepspeed",
+    "sglang": "harness.backends.sglang",
+    "vllm": "harness.backends.vllm",
+    "lmdeploy": "harness.backends.lmdeploy",
 }
 ALL_BACKENDS = ("hf", "vllm", "sglang", "lmdeploy", "megatron", "deepspeed")
 

@@ -62,6 +62,7 @@ class Backend:
     packages: ClassVar[tuple[str, ...]] = ()  # distributions it cannot run without
     needs_gpu: ClassVar[bool] = False
     gpu_suites: ClassVar[tuple[str, ...]] = ()  # suites that need CUDA although the backend's others do not
+    worker_per_dtype: ClassVar[bool] = False  # an engine fixed to one dtype: one worker process per dtype
 
     @classmethod
     def unavailable(cls) -> str | None:

@@ -78,6 +78,32 @@ class HFBackend(Backend):
         save_file(outputs, out_path)
         return {"path": out_path}
 
+    def op_greedy_reference(self, dir: str, dtype: str, prompts: dict[str, list[list[int]]],  # noqa: A002
+                            max_new_tokens: int, out_path: str) -> dict[str, Any]:
+        """Per sequence: HF's greedy continuation and full-vocabulary log-probs along prompt + continuation.
+
+        Saved as "<set>/<i>" [prompt+new, vocab] and "<set>/<i>/generated" [new]; what engine records
+        (harness/engine_record.py) are compared against.
+        """
+        import torch
+        from safetensors.torch import save_file
+
+        model, _ = self._load(dir, dtype)
+        model.eval()
+        tensors = {}
+        with torch.no_grad():
+            for name, seqs in prompts.items():
+                for i, seq in enumerate(seqs):
+                    tokens = list(seq)
+                    for _ in range(max_new_tokens):  # no KV cache: every step recomputes, like a scorer
+                        logits = model(input_ids=torch.tensor([tokens])).logits[0, -1]
+                        tokens.append(int(logits.float().argmax()))
+                    logits = model(input_ids=torch.tensor([tokens])).logits[0]
+                    tensors[f"{name}/{i}"] = torch.log_softmax(logits.float(), dim=-1).contiguous()
+                    tensors[f"{name}/{i}/generated"] = torch.tensor(tokens[len(seq):], dtype=torch.int64)
+        save_file(tensors, out_path)
+        return {"path": out_path}
+
     def op_train_reference(self, dir: str, dtype: str, sequences: list[list[int]], out_dir: str,  # noqa: A002
                            steps: int, warmup_zero_steps: int = 0) -> dict[str, Any]:
         """The plain-torch reference train step (AdamW), saved for the train-step checks."""

