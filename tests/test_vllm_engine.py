@@ -1,0 +1,97 @@
+"""vLLM certification end to end (a real CPU engine) and its negative controls.
+
+Each run starts one engine per dtype (20-60 s on CPU), so runs are few, fp32 only, one parallel layout,
+and HF as the only trainer scoring rollouts; every planted bug must fail its own check and leave the
+checks it does not touch passing:
+  the repo's qwen2 + a template whose Megatron->HF direction skips the per-group q/k/v de-interleave
+      + an engine read with raw logprobs against a trainer that scales by the rollout temperature
+      -> refit fails; rollout fails at T=0.7 and passes at T=1; logits, config, registration pass
+  llama + an out-of-tree class rotating GPT-J style          -> logits fail, registration says out-of-tree
+  qwen2 + an out-of-tree class that skips q/k/v biases on load -> logits fail
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.backends.vllm import VLLMBackend
+
+from .conftest import REPO, base_spec
+
+pytestmark = pytest.mark.skipif(VLLMBackend.unavailable() is not None, reason=str(VLLMBackend.unavailable()))
+BUGS = Path(__file__).resolve().parent / "data" / "engine_bugs"
+ENGINE_ONLY = {"dtypes": ["float32"], "parallel": [{"tp": 2, "pp": 1}],
+               "backends": {"train": [], "infer": ["hf", "vllm"]},
+               "rollout": {"temperature": 0.7, "max_new_tokens": [8], "batch_sizes": [1, 4]}}
+VLLM = ("--backend", "vllm")
+
+
+def _statuses(run, model: str) -> dict[str, tuple[str, str]]:
+    return {c["id"].removeprefix(f"{model}/"): (c["status"], c["reason"])
+            for c in run.certificate(model)["checks"] if c["backend"] == "vllm"}
+
+
+def test_refit_without_deinterleave_and_raw_engine_logprobs_fail_their_checks(make_spec, run_certify):
+    spec = base_spec("vllm-bugs", plugins=["harness.templates.qwen2", "qkv_plain_split_back.py"],
+                     converter={"template": "qwen2-qkv-plain-back"}, **ENGINE_ONLY)
+    spec["rollout"]["engine_logprobs"] = "raw"
+    path = make_spec(spec, files={"qkv_plain_split_back.py": (BUGS / "qkv_plain_split_back.py").read_text()})
+    run = run_certify("--model-spec", str(path), *VLLM, timeout=900)
+    got = _statuses(run, "vllm-bugs")
+    assert got["refit/vllm/float32/tp2pp1"][0] == "failed", got
+    assert "after refit from tp2pp1" in got["refit/vllm/float32/tp2pp1"][1]
+    assert got["rollout/vllm/hf-t0.7/float32"][0] == "failed", got
+    assert "engine logprobs: raw" in got["rollout/vllm/hf-t0.7/float32"][1]
+    for passing in ("rollout/vllm/hf-t1/float32", "logits/vllm/float32", "config/vllm", "registration/vllm"):
+        assert got[passing][0] == "passed", (passing, got[passing])
+    assert run.returncode == 1
+
+
+def test_out_of_tree_class_with_gptj_rope_fails_logits(make_spec, run_certify):
+    spec = yaml.safe_load((REPO / "model_specs" / "llama.yaml").read_text())
+    spec.update(name="llama-gptj", engines={"vllm": {"plugins": ["vllm_gptj_rope.py"]}}, **ENGINE_ONLY)
+    path = make_spec(spec, files={"vllm_gptj_rope.py": (BUGS / "vllm_gptj_rope.py").read_text()})
+    run = run_certify("--model-spec", str(path), *VLLM, "-k", "logits or registration", timeout=900)
+    got = _statuses(run, "llama-gptj")
+    assert got["logits/vllm/float32"][0] == "failed", got
+    assert "top1_agreement" in got["logits/vllm/float32"][1]
+    assert got["registration/vllm"][0] == "passed", got
+    registration = next(c for c in run.certificate("llama-gptj")["checks"] if c["id"] == "llama-gptj/registration/vllm")
+    assert registration["metrics"]["resolved_class"].endswith("GPTJRopeLlama")
+    assert registration["metrics"]["source"] == "out-of-tree"
+
+
+def test_out_of_tree_class_dropping_qkv_bias_fails_logits(make_spec, run_certify):
+    spec = base_spec("qwen2-nobias", engines={"vllm": {"plugins": ["vllm_dropped_qkv_bias.py"]}}, **ENGINE_ONLY)
+    path = make_spec(spec, files={"vllm_dropped_qkv_bias.py": (BUGS / "vllm_dropped_qkv_bias.py").read_text()})
+    run = run_certify("--model-spec", str(path), *VLLM, "-k", "logits", timeout=900)
+    got = _statuses(run, "qwen2-nobias")
+    assert got["logits/vllm/float32"][0] == "failed", got
+
+
+def test_a_crashed_engine_is_an_error_with_its_stderr_and_leaves_nothing_behind(make_spec, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import uuid
+
+    from .test_no_orphans import _tagged
+
+    spec = base_spec("qwen2-crash", engines={"vllm": {"plugins": ["vllm_crashing_class.py"]}}, **ENGINE_ONLY)
+    path = make_spec(spec, files={"vllm_crashing_class.py": (BUGS / "vllm_crashing_class.py").read_text()})
+    probe = uuid.uuid4().hex
+    env = {**os.environ, "HARNESS_ORPHAN_PROBE": probe}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--model-spec", str(path), *VLLM,
+           "--report-dir", str(tmp_path), "-k", "logits"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    import json
+
+    checks = {c["id"]: c for c in json.loads((tmp_path / "qwen2-crash" / "certificate.json").read_text())["checks"]}
+    row = checks["qwen2-crash/logits/vllm/float32"]
+    assert row["status"] == "error", row
+    assert "crashed" in row["reason"] and "planted crash" in row["reason"], row["reason"][:500]
+    assert _tagged(probe) == [], "processes from the run are still alive"
