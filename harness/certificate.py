@@ -66,7 +66,8 @@ def render_markdown(cert: dict[str, Any]) -> str:
     ]
     for check in cert["checks"]:
         metrics = ", ".join(f"{k}={_short(v)}" for k, v in check.get("metrics", {}).items() if _short(v))
-        tolerance = ", ".join(f"{k}≤{_short(v)}" for k, v in check.get("tolerance", {}).items())
+        tolerance = ", ".join(f"{k}{'≥' if k.startswith('min_') else '≤'}{_short(v)}"
+                              for k, v in check.get("tolerance", {}).items())
         reason = check.get("reason", "").replace("|", "\\|").replace("\n", " ")
         lines.append(f"| `{check['id']}` | {icon.get(check['status'], check['status'])} | {metrics} | "
                      f"{tolerance} | {reason[:300]} |")

@@ -64,9 +64,9 @@ def calibrate(noise: dict[str, float], floor: dict[str, float]) -> dict[str, flo
 
 
 def calibrate_more(noise: dict[str, float], floor: dict[str, float],
-                   bounds: dict[str, tuple[str, bool]]) -> dict[str, float]:
+                   bounds: dict[str, tuple[str, bool]], factor: float = CALIBRATION_FACTOR) -> dict[str, float]:
     """calibrate() for any parity metrics: `bounds` maps tolerance key -> (metric, is upper bound)."""
-    f = CALIBRATION_FACTOR
+    f = factor
     out = {}
     for key, bound in floor.items():
         metric, upper = bounds[key]

@@ -95,3 +95,17 @@ def test_a_crashed_engine_is_an_error_with_its_stderr_and_leaves_nothing_behind(
     assert row["status"] == "error", row
     assert "crashed" in row["reason"] and "planted crash" in row["reason"], row["reason"][:500]
     assert _tagged(probe) == [], "processes from the run are still alive"
+
+
+@pytest.mark.parametrize("plugin, check, expected", [
+    ("vllm_hardcoded_eps.py", "config/vllm", "rms_norm_eps: hf=1e-05 but backend=1e-06"),
+    ("vllm_misnamed_arch.py", "registration/vllm", "the out-of-tree registration did not take effect"),
+])
+def test_out_of_tree_class_config_and_registration_bugs(make_spec, run_certify, plugin, check, expected):
+    spec = yaml.safe_load((REPO / "model_specs" / "llama.yaml").read_text())
+    spec.update(name="llama-oot", engines={"vllm": {"plugins": [plugin]}}, **ENGINE_ONLY)
+    path = make_spec(spec, files={plugin: (BUGS / plugin).read_text()})
+    run = run_certify("--model-spec", str(path), *VLLM, "-k", check.split("/")[0], timeout=900)
+    got = _statuses(run, "llama-oot")
+    assert got[check][0] == "failed", got
+    assert expected in got[check][1], got[check][1]
