@@ -28,15 +28,18 @@ bare: a plain script (`python -c CHILD plan.json`, importing vllm, torch and saf
       HF conversion in the vLLM worker; the bare script sends the checkpoint itself, so that conversion counts
       as harness overhead;
     rollout: one generate per rollout temperature over the spec.rollout max_new_tokens x batch_sizes grid.
-  Outputs are read into Python dicts/lists as the harness reads them, but not written to disk.
-The engine's config dtype: the config and registration checks use spec.dtypes[0] on both sides; a --dtype
-other than that starts a second engine on both sides.
+  Outputs are read into Python dicts/lists as the harness reads them, but not written to disk. Of the spec's
+  plugins only engines.vllm.plugins are imported (the others serve converters and HF, which vLLM does not need).
+The config and registration checks run on the engine of the run's first selected dtype (CertifySession.first_dtype),
+so one engine serves every call on both sides.
 
 Printed: (a) wall ratio: the whole pytest run (interpreter, collection, HF reference worker, certificate,
 shutdown) / the whole bare subprocess; (b) vLLM ratio: the harness's vLLM worker busy time (its spawn, the
-engine start inside the first call, every call) / the bare script's spawn-to-last-call time; engine start on
-each side; and each engine call side by side. (b) is the engine-side overhead; (a) also pays for the HF
-reference forwards, which the bare script does not do.
+engine start inside the first call, every call) / the bare script's spawn-to-last-call time; (c) CPU ratio:
+user + sys seconds of every process of each side (RUSAGE_CHILDREN: pytest and the workers it reaped; the
+script), which other load on the machine disturbs less than wall time. Also: each side's wall time split into
+phases, engine start on each side, and each engine call side by side. (b) is the engine-side overhead; (a)
+also pays for pytest start-up, the HF reference forwards and judging, which the bare script does not do.
 The machine may be shared; timings are as measured, never asserted. Not a test; CI does not run it.
 """
 from __future__ import annotations
@@ -45,6 +48,8 @@ import argparse
 import json
 import os
 import re
+import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -74,8 +79,6 @@ import torch
 from safetensors.torch import load_file
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
-from vllm.config import set_current_vllm_config
-from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload, initialize_layerwise_reload
 events["imported"] = time.time()
 llm = LLM(model=plan["dir"], dtype=plan["dtype"], **plan["engine"])
 events["engine_ready"] = time.time()
@@ -90,6 +93,10 @@ def checkpoint():
 
 
 def push(state):
+    from vllm.config import set_current_vllm_config  # imported on first use, as the harness does
+    from vllm.model_executor.model_loader.reload.layerwise import (finalize_layerwise_reload,
+                                                                   initialize_layerwise_reload)
+
     engine = llm.llm_engine
 
     def load(model):
@@ -155,10 +162,11 @@ if hasattr(engine, "engine_core") and hasattr(engine.engine_core, "shutdown"):
     engine.engine_core.shutdown()
 """
 
-PROGRESS = re.compile(r"^\[(?P<model>[^\]]+)\] (?P<backend>\w+)\.(?P<op>\w+)\((?P<args>[^)]*)\) (?P<s>[\d.]+)s\s*$")
-WORKER = re.compile(r"^\s*worker (?P<backend>\S+)\s+start (?P<start>[\d.]+)s, (?P<calls>\d+) calls, "
-                    r"(?P<busy>[\d.]+)s busy")
-RESULT = re.compile(r"(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+\[\s*\d+%\]\s*$")
+PROGRESS = re.compile(r"^\[(?P<model>[^\]]+)\] (?P<backend>\w+)\.(?P<op>\w+)\((?P<args>[^)]*)\) (?P<s>[\d.]+)s[ \t]*$",
+                      re.M)
+WORKER = re.compile(r"^[ \t]*worker (?P<backend>\S+)\s+start (?P<start>[\d.]+)s, (?P<calls>\d+) calls, "
+                    r"(?P<busy>[\d.]+)s busy", re.M)
+RESULT = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) +\[ *\d+%\]")
 
 
 def engine_env() -> dict[str, str]:
@@ -193,7 +201,7 @@ def build_plan(spec, dtype: str, ref_dir: str, vocab: int) -> list[dict]:
     # harness/backends/vllm.py VLLMBackend._engine
     engine = dict(skip_tokenizer_init=True, enforce_eager=True, max_model_len=512, max_num_seqs=8, max_logprobs=-1,
                   seed=0, logprobs_mode=f"{mode}_logprobs", enable_prefix_caching=False)
-    config_dtype = spec.dtypes[0]  # suites/test_config.py and test_registration.py: the spec's first dtype
+    config_dtype = dtype  # suites/test_config.py, test_registration.py: the run's first selected dtype (--dtype)
     # suites/test_rollout.py _cells: `batch` samples of the first "medium" prompt per (new tokens, batch) cell
     cells = [{"cell": f"new{n}-batch{b}", "prompt": prompts["medium"][0], "n": b, "max_new_tokens": n}
              for n in spec.rollout.max_new_tokens for b in spec.rollout.batch_sizes]
@@ -224,29 +232,47 @@ def harness_command(spec, model: str, dtype: str, report_dir: str, full: bool) -
     return cmd
 
 
+def _cpu_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # reaped descendants: pytest and its workers
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_harness(cmd: list[str], model: str) -> dict:
-    """One pytest run; its output lines are time-stamped as they arrive (PYTHONUNBUFFERED) to split the wall time."""
+    """One pytest run. Its output is time-stamped as it arrives (PYTHONUNBUFFERED; chunks, not lines, because
+    -v writes "PASSED [ 50%]" before the newline that ends it) to split the wall time into phases."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
-    lines = [(time.perf_counter() - start, line.rstrip("\n")) for line in proc.stdout]
+    cpu0, start = _cpu_children(), time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    chunks: list[tuple[int, float]] = []  # (end offset, arrival time)
+    data = bytearray()
+    while chunk := os.read(proc.stdout.fileno(), 1 << 16):
+        data += chunk
+        chunks.append((len(data), time.perf_counter() - start))
     rc = proc.wait()
-    wall = time.perf_counter() - start
-    calls, workers = [], {}
-    for _, line in lines:
-        if (m := PROGRESS.match(line)) and m["model"] == model:
+    wall, cpu = time.perf_counter() - start, _cpu_children() - cpu0
+    text = data.decode(errors="replace")
+
+    def arrived(offset: int) -> float:
+        return next(t for end, t in chunks if end >= offset)
+
+    calls, workers, first = [], {}, None
+    for m in PROGRESS.finditer(text):
+        if m["model"] == model:
             calls.append({"backend": m["backend"], "label": f"{m['op']}({m['args']})", "s": float(m["s"])})
-        elif m := WORKER.match(line):
-            workers[m["backend"]] = {"start_s": float(m["start"]), "calls": int(m["calls"]), "busy_s": float(m["busy"])}
-    out = "\n".join(line for _, line in lines)
+            if first is None:  # when the first worker call began: start-up ends there
+                first = arrived(len(text[:m.end()].encode())) - float(m["s"])
+    for m in WORKER.finditer(text):
+        workers[m["backend"]] = {"start_s": float(m["start"]), "calls": int(m["calls"]), "busy_s": float(m["busy"])}
     if "vllm" not in workers:
-        sys.exit(f"the harness run printed no vLLM worker summary (exit {rc}):\n{out[-4000:]}")
-    # phases: startup (interpreter, plugin + spec validation, collection) until the first worker call began;
-    # checks until the last result line ("PASSED [100%]", -v); finish (workers closed, certificate and HTML
-    # written) until the "certification" summary; exit after it
-    first = next((t - float(m["s"]) for t, line in lines if (m := PROGRESS.match(line))), 0.0)
-    last = max((t for t, line in lines if RESULT.search(line)), default=wall)
-    summary = next((t for t, line in lines if "= certification =" in line), wall)
+        sys.exit(f"the harness run printed no vLLM worker summary (exit {rc}):\n{text[-4000:]}")
+    # phases: start-up (interpreter, plugin + spec validation, collection) until the first worker call began;
+    # checks until the last result ("PASSED [100%]"); finish (workers closed, certificate and HTML written)
+    # until the "certification" summary; exit after it
+    results = [m.end() for m in RESULT.finditer(text)]
+    last = arrived(len(text[:results[-1]].encode())) if results else wall
+    marker = text.find("= certification =")
+    summary = arrived(len(text[:marker].encode()) + 1) if marker >= 0 else wall
+    first = first or 0.0
     phases = {"startup": first, "checks": last - first, "finish": summary - last, "exit": wall - summary}
     report = Path(cmd[cmd.index("--report-dir") + 1]) / model / "certificate.json"
     statuses: dict[str, int] = {}
@@ -255,28 +281,32 @@ def run_harness(cmd: list[str], model: str) -> dict:
             if check["backend"] == "vllm" and check["status"] != "not_run":
                 statuses[check["status"]] = statuses.get(check["status"], 0) + 1
     shutil.rmtree(report.parent.parent, ignore_errors=True)
-    return {"rc": rc, "wall_s": wall, "calls": calls, "workers": workers, "statuses": statuses, "phases": phases}
+    return {"rc": rc, "wall_s": wall, "cpu_s": cpu, "calls": calls, "workers": workers, "statuses": statuses,
+            "phases": phases}
 
 
 def run_bare(plans: list[dict], work: Path, env: dict[str, str]) -> dict:
     """The bare script, one fresh subprocess per engine dtype (the harness has one worker per dtype)."""
-    result = {"wall_s": 0.0, "busy_s": 0.0, "engines": [], "calls": [],
+    result = {"wall_s": 0.0, "busy_s": 0.0, "cpu_s": 0.0, "engines": [], "calls": [],
               "phases": {"imports": 0.0, "engine": 0.0, "calls": 0.0, "exit": 0.0}}
     for i, plan in enumerate(plans):
         path = work / f"plan-{i}.json"
         path.write_text(json.dumps(plan))
-        spawned, start = time.time(), time.perf_counter()
+        cpu0, spawned, start = _cpu_children(), time.time(), time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, cwd=REPO,
                               env=env)
         wall = time.perf_counter() - start
+        result["cpu_s"] += _cpu_children() - cpu0
         if proc.returncode:
             sys.exit(f"bare vLLM script failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
         child = json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))
         ev = child["events"]
         result["wall_s"] += wall
         result["busy_s"] += ev["calls_done"] - spawned  # spawn .. last call: what the harness counts as busy
-        for phase, seconds in (("imports", ev["imported"] - spawned), ("engine", ev["engine_ready"] - ev["imported"]),
-                               ("calls", ev["calls_done"] - ev["engine_ready"]), ("exit", spawned + wall - ev["calls_done"])):
+        for phase, seconds in (("imports", ev["imported"] - spawned),
+                               ("engine", ev["engine_ready"] - ev["imported"]),
+                               ("calls", ev["calls_done"] - ev["engine_ready"]),
+                               ("exit", spawned + wall - ev["calls_done"])):
             result["phases"][phase] += seconds
         result["engines"].append({"dtype": plan["dtype"], "imports_s": ev["imported"] - spawned,
                                   "engine_s": ev["engine_ready"] - ev["imported"],
@@ -301,17 +331,20 @@ def report(runs: dict[str, list[dict]], args) -> None:
     print("\nper round, seconds. harness: wall = startup (pytest, plugin, spec validation, collection) + checks "
           "+ finish (workers closed,\n  certificate, HTML) + exit; checks = vLLM worker busy + HF worker busy + "
           "other workers + in pytest (test bodies, judging).\n  bare: wall = imports + LLM() + calls + exit "
-          "(engine shutdown); busy = spawn .. last call.")
-    print(f"{'round':>5} | {'wall':>6} {'startup':>7} {'checks':>6} {'vllm':>6} {'hf':>5} {'other':>5} "
-          f"{'pytest':>6} {'finish':>6} {'exit':>5} | {'wall':>6} {'busy':>6} {'imports':>7} {'LLM()':>6} "
+          "(engine shutdown); busy = spawn .. last call.\n  cpu: user + sys of every process of that side "
+          "(pytest and its workers; the script).")
+    print(f"{'':>5} | {'harness':<67} | bare")
+    print(f"{'round':>5} | {'wall':>6} {'cpu':>6} {'startup':>7} {'checks':>6} {'vllm':>6} {'hf':>5} {'other':>5} "
+          f"{'pytest':>6} {'finish':>6} {'exit':>5} | {'wall':>6} {'cpu':>6} {'busy':>6} {'imports':>7} {'LLM()':>6} "
           f"{'calls':>6} {'exit':>5}")
     for i, (h, b) in enumerate(zip(harness, bare)):
         ph, pb = h["phases"], b["phases"]
         others = sum(v["busy_s"] for k, v in h["workers"].items() if k not in ("vllm", "hf"))
         in_pytest = ph["checks"] - sum(v["busy_s"] for v in h["workers"].values())
-        print(f"{i:>5} | {h['wall_s']:>6.1f} {ph['startup']:>7.1f} {ph['checks']:>6.1f} {_busy(h, 'vllm'):>6.1f} "
-              f"{_busy(h, 'hf'):>5.1f} {others:>5.1f} {in_pytest:>6.1f} {ph['finish']:>6.1f} {ph['exit']:>5.1f} | "
-              f"{b['wall_s']:>6.1f} {b['busy_s']:>6.1f} {pb['imports']:>7.1f} {pb['engine']:>6.1f} "
+        print(f"{i:>5} | {h['wall_s']:>6.1f} {h['cpu_s']:>6.1f} {ph['startup']:>7.1f} {ph['checks']:>6.1f} "
+              f"{_busy(h, 'vllm'):>6.1f} {_busy(h, 'hf'):>5.1f} {others:>5.1f} {in_pytest:>6.1f} "
+              f"{ph['finish']:>6.1f} {ph['exit']:>5.1f} | "
+              f"{b['wall_s']:>6.1f} {b['cpu_s']:>6.1f} {b['busy_s']:>6.1f} {pb['imports']:>7.1f} {pb['engine']:>6.1f} "
               f"{pb['calls']:>6.1f} {pb['exit']:>5.1f}")
 
     last_h, last_b = harness[-1], bare[-1]
@@ -350,14 +383,16 @@ def report(runs: dict[str, list[dict]], args) -> None:
     print(f"\n{args.model} {args.dtype}, {selection}; {len(harness)} round(s); goal <= {GOAL}x")
     print(f"  {'':<24} {'':<6} {'harness s':>10} {'bare s':>8} {'ratio':>7}  met")
     for name, hs, bs in (("(a) wall, whole run", [r["wall_s"] for r in harness], [r["wall_s"] for r in bare]),
-                         ("(b) vLLM worker busy", [_busy(r, "vllm") for r in harness], [r["busy_s"] for r in bare])):
+                         ("(b) vLLM worker busy", [_busy(r, "vllm") for r in harness], [r["busy_s"] for r in bare]),
+                         ("(c) CPU, whole run", [r["cpu_s"] for r in harness], [r["cpu_s"] for r in bare])):
         for how, fn in (("median", statistics.median), ("best", min)):
             h, b = fn(hs), fn(bs)
             print(f"  {name:<24} {how:<6} {h:>10.1f} {b:>8.1f} {_ratio(h, b):>7}  "
                   f"{'yes' if b > 0 and h / b <= GOAL else 'no'}")
     print("  (a) also pays for pytest start-up, spec validation, the HF reference worker, judging and the reports;"
           "\n  (b) is the engine side alone (harness ops serialise their records to JSON; refit also converts the"
-          "\n  checkpoint to (tp, pp) shards and back). The machine may be shared: best-of-rounds is shown too.")
+          "\n  checkpoint to (tp, pp) shards and back); (c) is (a) in CPU seconds, less sensitive to other load."
+          "\n  The machine may be shared: best-of-rounds is shown beside the median.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -394,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         env = engine_env()
         print(f"reference: {ref_dir}")
-        print(f"harness: {' '.join(cmd[1:])}")
+        print(f"harness: {shlex.join(['python', *cmd[1:]])}")
         print(f"bare: {sum(len(p['calls']) for p in plans)} calls on {len(plans)} engine(s): "
               + ", ".join(c["label"] for p in plans for c in p["calls"]))
         if not args.no_warmup:

@@ -82,6 +82,11 @@ class CertifySession:
             raise value
         return value
 
+    def first_dtype(self, model: str) -> str:
+        """The spec's first dtype this run selects (engines are started per dtype: reuse that one)."""
+        dtypes = self.specs[model].dtypes
+        return next((d for d in dtypes if not self.dtypes or d in self.dtypes), dtypes[0])
+
     def reference_dir(self, model: str, dtype: str) -> str:
         ref = self.specs[model].reference
         path = str(self.specs[model].resolve_relative(ref.path)) if ref.path else None

@@ -162,6 +162,11 @@ class WorkerPool:
         return worker
 
     def close(self) -> None:
+        for worker in self._workers.values():  # every worker starts shutting down at once, then each is reaped
+            try:
+                worker.proc.stdin.close()
+            except OSError:
+                pass
         for worker in self._workers.values():
             worker.close()
         self._workers.clear()

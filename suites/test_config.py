@@ -12,8 +12,8 @@ def test_config(check, certify, request):
     with certify.judging(check) as box:
         engine = backend_class(check.backend).worker_per_dtype
         reference = certify.reference_dir(check.model, "float32" if engine else spec.dtypes[0])
-        # an engine fixed to one dtype per worker reads the config in the spec's first dtype
-        extra = {"dtype": spec.dtypes[0]} if engine else {}
+        # an engine fixed to one dtype per worker: the one this run starts anyway
+        extra = {"dtype": certify.first_dtype(check.model)} if engine else {}
         measurement = certify.call(check.model, check.backend, "config", dir=reference, **extra)
         # a template named by converter.template is registered under its own key ("qwen2-bad-rope"), not
         # under the model type it serves; that model type is then the spec's hf_model_type

@@ -8,7 +8,7 @@ SUITE = "registration"
 
 def test_registration(check, certify, request):
     with certify.judging(check) as box:
-        dtype = certify.specs[check.model].dtypes[0]
+        dtype = certify.first_dtype(check.model)  # an engine already running for this run's dtype
         reference = certify.reference_dir(check.model, "float32")
         extra = {"dtype": dtype} if backend_class(check.backend).worker_per_dtype else {}
         m = certify.call(check.model, check.backend, "registration", dir=reference, **extra)
