@@ -7,7 +7,7 @@ ARGS   ?= --alluredir reports/$(MODEL)/allure-results --clean-alluredir
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: certify test setup clean
+.PHONY: certify test setup clean engines-gpu
 setup: $(STAMP)
 
 # torch first, alone: pinned exactly so no other requirement drags in a different build.
@@ -22,6 +22,16 @@ $(STAMP): pyproject.toml
 	# lmdeploy pins torch<=2.12.1; its config/module-map/checker layers (what runs on CPU) work with 2.13
 	$(BIN)/python -m pip install --quiet --no-deps lmdeploy==0.18.0
 	touch $@
+
+# GPU runners: the CUDA builds of the rollout engines, each in its own venv (their torch pins clash with ours and
+# with each other). Point the harness at them with HARNESS_PYTHON_VLLM/_SGLANG/_LMDEPLOY=.venv-<engine>/bin/python:
+# their workers run there, and whether they can run is asked of that interpreter.
+ENGINES_GPU := vllm==0.32.0 sglang==0.5.23 lmdeploy==0.18.0
+engines-gpu:
+	for pkg in $(ENGINES_GPU); do engine=$${pkg%%==*}; \
+	  test -x .venv-$$engine/bin/python || $(PYTHON) -m venv .venv-$$engine || exit 1; \
+	  .venv-$$engine/bin/python -m pip install --quiet "$$pkg" pydantic==2.14.3 pyyaml safetensors || exit 1; \
+	done
 
 certify: $(STAMP)
 	$(BIN)/pytest --model $(MODEL) $(ARGS)

