@@ -116,6 +116,12 @@ def validate_environment(spec: Spec) -> None:
             except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
                 raise SpecError(spec.source, "reference.path",
                                 f"{weight} is not a valid safetensors file: {exc}") from None
+    for engine, options in spec.engines:  # imported only in that engine's worker: check the files exist now
+        for i, entry in enumerate(options.plugins):
+            path = spec.resolve_relative(entry)
+            if _is_file(entry) and not path.is_file():
+                raise SpecError(spec.source, f"engines.{engine}.plugins[{i}]",
+                                f"plugin file {entry!r} does not exist (looked for {path})")
     module_map = spec.engines.lmdeploy.custom_module_map
     if module_map is not None and not spec.resolve_relative(module_map).is_file():
         raise SpecError(spec.source, "engines.lmdeploy.custom_module_map",
