@@ -109,3 +109,45 @@ def test_out_of_tree_class_config_and_registration_bugs(make_spec, run_certify, 
     got = _statuses(run, "llama-oot")
     assert got[check][0] == "failed", got
     assert expected in got[check][1], got[check][1]
+
+
+MULTIPROCESS_PROBE = """
+import os, sys
+from vllm import LLM
+from probe import loaded_class
+
+if __name__ == "__main__":
+    llm = LLM(model=sys.argv[1], dtype="float32", skip_tokenizer_init=True, enforce_eager=True, max_model_len=128,
+              max_num_seqs=2)
+    print("LOADED", llm.apply_model(loaded_class)[0], "PARENT", os.getpid())
+"""
+
+
+def test_general_plugins_entry_point_registers_spec_classes_in_a_multiprocess_engine(make_spec, tmp_path):
+    """vLLM's documented route for engines that run the model in another process: our `vllm.general_plugins`
+    entry point imports engines.vllm.plugins there. The parent process never imports the plugin."""
+    import os
+    import subprocess
+    import sys
+
+    from fixtures.tiny_models import materialize
+    from harness.spec import load_spec
+
+    plugin = ("from vllm import ModelRegistry\nfrom vllm.model_executor.models.qwen2 import Qwen2ForCausalLM\n\n\n"
+              "class MarkedQwen2(Qwen2ForCausalLM):\n    pass\n\n\n"
+              "ModelRegistry.register_model('Qwen2ForCausalLM', MarkedQwen2)\n")
+    path = make_spec(base_spec("qwen2-mp", engines={"vllm": {"plugins": ["marked.py"]}}), files={"marked.py": plugin})
+    (tmp_path / "probe.py").write_text("import os\n\n\ndef loaded_class(model):\n"
+                                       "    return f'{type(model).__name__}@{os.getpid()}'\n")
+    spec = load_spec(path)
+    checkpoint = materialize(spec.hf_model_type, spec.reference.config, spec.reference.seed, "float32")
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+           "VLLM_CPU_KVCACHE_SPACE": "1", "HARNESS_SPEC_PATH": str(path),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    proc = subprocess.run([sys.executable, "-c", MULTIPROCESS_PROBE, str(checkpoint)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("LOADED")), None)
+    assert line, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _, loaded, _, parent = line.split()
+    name, pid = loaded.split("@")
+    assert name == "MarkedQwen2" and pid != parent, line
