@@ -9,6 +9,7 @@ registered by the spec's engines.vllm.plugins with ModelRegistry.register_model,
 from __future__ import annotations
 
 import gc
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ for _name, _value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_S
                       "VLLM_CACHE_ROOT": str(_CACHE / "cache"), "TORCHINDUCTOR_CACHE_DIR": str(_CACHE / "inductor"),
                       "VLLM_CONFIGURE_LOGGING": "1", "VLLM_LOGGING_LEVEL": "WARNING"}.items():
     os.environ.setdefault(_name, _value)
+
+
+MAX_MODEL_LEN = 512
 
 
 class VLLMBackend(Backend):
@@ -51,8 +55,11 @@ class VLLMBackend(Backend):
             from vllm import LLM
 
             mode = self.spec.rollout.engine_logprobs if self.spec else "processed"
+            config = json.loads((Path(directory) / "config.json").read_text())
+            # the longest prompt set plus its continuation fits in 512; a model may allow fewer positions
+            max_len = min(MAX_MODEL_LEN, int(config.get("max_position_embeddings") or MAX_MODEL_LEN))
             self._llm = LLM(model=directory, dtype=dtype, skip_tokenizer_init=True, enforce_eager=True,
-                            max_model_len=512, max_num_seqs=8, max_logprobs=-1, seed=0,
+                            max_model_len=max_len, max_num_seqs=8, max_logprobs=-1, seed=0,
                             logprobs_mode=f"{mode}_logprobs",
                             enable_prefix_caching=False)  # cached KV would survive a weight sync
             self._key = (directory, dtype)
