@@ -89,6 +89,11 @@ class Rollout(_Strict):
                                       description="generated lengths of the parity grid")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 4], min_length=1,
                                    description="samples per grid cell")
+    gpu_max_new_tokens: list[int] = Field(default_factory=lambda: [128, 1024], min_length=1,
+                                          description="the grid's generated lengths where the engine runs on a GPU "
+                                                      "(NeMo-RL checks up to 10k; capped by max_position_embeddings)")
+    gpu_batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32], min_length=1,
+                                       description="the grid's samples per cell where the engine runs on a GPU")
     seed: int = Field(0, ge=0)
 
 

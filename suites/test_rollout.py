@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 from fixtures.prompts import prompt_sets
+from harness.backends.base import cuda_visible
 from harness.checks import logits, rollout
 from harness.plan import parse_rollout_variant
 from harness.plugin import conclude
@@ -11,11 +12,16 @@ from harness.tolerances import CALIBRATION_FACTOR, ROLLOUT_METRICS, calibrate_mo
 SUITE = "rollout"
 
 
-def _cells(spec, vocab: int) -> list[dict]:
-    """The seq-len x batch grid (NeMo-RL's, scaled to CPU): `batch` samples of one fixed prompt."""
-    prompt = prompt_sets(vocab)["medium"][0]
-    return [{"cell": f"new{n}-batch{b}", "prompt": prompt, "n": b, "max_new_tokens": n}
-            for n in spec.rollout.max_new_tokens for b in spec.rollout.batch_sizes]
+def _cells(spec, config: dict, on_gpu: bool) -> list[dict]:
+    """The seq-len x batch grid (NeMo-RL's, scaled to the machine): `batch` samples of one fixed prompt.
+
+    Generated lengths are capped so that prompt + continuation fits the model's positions."""
+    prompt = prompt_sets(config["vocab_size"])["medium"][0]
+    room = int(config.get("max_position_embeddings") or 10**9) - len(prompt)
+    lengths = spec.rollout.gpu_max_new_tokens if on_gpu else spec.rollout.max_new_tokens
+    batches = spec.rollout.gpu_batch_sizes if on_gpu else spec.rollout.batch_sizes
+    return [{"cell": f"new{min(n, room)}-batch{b}", "prompt": prompt, "n": b, "max_new_tokens": min(n, room)}
+            for n in dict.fromkeys(lengths) for b in batches]
 
 
 def _scores(certify, model: str, trainer: str, dtype: str, sequences: list[list[int]], tag: str):
@@ -44,10 +50,10 @@ def test_rollout(check, certify, request):
     trainer, temperature = parse_rollout_variant(check.variant)
     with certify.judging(check) as box:
         ref_dir = certify.reference_dir(check.model, "float32")
-        vocab = json.loads((Path(ref_dir) / "config.json").read_text())["vocab_size"]
+        config = json.loads((Path(ref_dir) / "config.json").read_text())
         out = certify.scratch(check.model) / f"{check.backend}-samples-{check.dtype}-t{temperature:g}.json"
         run = certify.call(check.model, check.backend, "sample", dir=ref_dir, dtype=check.dtype,
-                           cells=_cells(spec, vocab), temperature=temperature, seed=spec.rollout.seed,
+                           cells=_cells(spec, config, cuda_visible(check.backend)), temperature=temperature, seed=spec.rollout.seed,
                            out_path=str(out))
         payload = json.loads(Path(run["path"]).read_text())
         samples = payload["samples"]

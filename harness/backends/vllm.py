@@ -56,8 +56,9 @@ class VLLMBackend(Backend):
 
             mode = self.spec.rollout.engine_logprobs if self.spec else "processed"
             config = json.loads((Path(directory) / "config.json").read_text())
-            # the longest prompt set plus its continuation fits in 512; a model may allow fewer positions
-            max_len = min(MAX_MODEL_LEN, int(config.get("max_position_embeddings") or MAX_MODEL_LEN))
+            # the longest prompt set and the rollout grid fit; a model may allow fewer positions
+            grid = max(self.spec.rollout.max_new_tokens + self.spec.rollout.gpu_max_new_tokens) if self.spec else 0
+            max_len = min(max(MAX_MODEL_LEN, 64 + grid), int(config.get("max_position_embeddings") or MAX_MODEL_LEN))
             self._llm = LLM(model=directory, dtype=dtype, skip_tokenizer_init=True, enforce_eager=True,
                             max_model_len=max_len, max_num_seqs=8, max_logprobs=-1, seed=0,
                             logprobs_mode=f"{mode}_logprobs",
