@@ -82,10 +82,13 @@ class CertifySession:
             raise value
         return value
 
+    def selected_dtypes(self, model: str) -> list[str]:
+        """The spec's dtypes this run selects (--dtype), in spec order."""
+        return [d for d in self.specs[model].dtypes if not self.dtypes or d in self.dtypes]
+
     def first_dtype(self, model: str) -> str:
-        """The spec's first dtype this run selects (engines are started per dtype: reuse that one)."""
-        dtypes = self.specs[model].dtypes
-        return next((d for d in dtypes if not self.dtypes or d in self.dtypes), dtypes[0])
+        """The first dtype this run selects (engines are started per dtype: reuse that one)."""
+        return (self.selected_dtypes(model) or self.specs[model].dtypes)[0]
 
     def reference_dir(self, model: str, dtype: str) -> str:
         ref = self.specs[model].reference

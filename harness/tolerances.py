@@ -45,35 +45,21 @@ ROLLOUT_METRICS = ("max_abs_logprob", "mean_abs_logprob", "max_mean_exp_abs_logp
 CALIBRATION_FACTOR = 2.0  # a backend may be at most this many times noisier than HF's own bf16 rounding
 
 
-def calibrate(noise: dict[str, float], floor: dict[str, float]) -> dict[str, float]:
-    """bf16 tolerances from the measured noise of HF-bf16 vs HF-fp32 on the same prompts.
+def calibrate(noise: dict[str, float], floor: dict[str, float], bounds: dict[str, tuple[str, bool]],
+              factor: float = CALIBRATION_FACTOR) -> dict[str, float]:
+    """bf16 tolerances from the measured noise of HF-bf16 vs HF-fp32 on the same inputs.
 
     `noise` holds the worst value over prompt sets of each parity metric; `floor` (the fp32
-    tolerances) keeps a bound from collapsing to zero when the noise happens to be zero.
+    tolerances) keeps a bound from collapsing to zero when the noise happens to be zero;
+    `bounds` maps each tolerance key to (metric, True when the metric is an upper bound).
     """
-    f = CALIBRATION_FACTOR
-    return {
-        "max_abs_logprob": max(floor["max_abs_logprob"], f * noise["max_abs_logprob"]),
-        "mean_abs_logprob": max(floor["mean_abs_logprob"], f * noise["mean_abs_logprob"]),
-        "min_top1_agreement": min(floor["min_top1_agreement"], 1 - f * (1 - noise["top1_agreement"])),
-        "min_topk_overlap": min(floor["min_topk_overlap"], 1 - f * (1 - noise["topk_overlap"])),
-        "min_greedy_equal": min(floor["min_greedy_equal"], 1 - f * (1 - noise["greedy_equal"])),
-        "max_mean_exp_abs_logprob": max(floor["max_mean_exp_abs_logprob"],
-                                        1 + f * (noise["mean_exp_abs_logprob"] - 1)),
-    }
-
-
-def calibrate_more(noise: dict[str, float], floor: dict[str, float],
-                   bounds: dict[str, tuple[str, bool]], factor: float = CALIBRATION_FACTOR) -> dict[str, float]:
-    """calibrate() for any parity metrics: `bounds` maps tolerance key -> (metric, is upper bound)."""
-    f = factor
     out = {}
     for key, bound in floor.items():
         metric, upper = bounds[key]
-        if metric == "mean_exp_abs_logprob":
-            out[key] = max(bound, 1 + f * (noise[metric] - 1))
+        if metric == "mean_exp_abs_logprob":  # a ratio whose ideal is 1
+            out[key] = max(bound, 1 + factor * (noise[metric] - 1))
         elif upper:
-            out[key] = max(bound, f * noise[metric])
-        else:
-            out[key] = min(bound, 1 - f * (1 - noise[metric]))
+            out[key] = max(bound, factor * noise[metric])
+        else:  # an agreement rate whose ideal is 1
+            out[key] = min(bound, 1 - factor * (1 - noise[metric]))
     return out

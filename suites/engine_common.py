@@ -1,9 +1,11 @@
 """What the engine suites share: HF's greedy reference, the record comparison, and calibrated bounds."""
 from __future__ import annotations
 
+import functools
+
 from harness import engine_record
 from harness.checks import engine_logits, logits
-from harness.tolerances import ENGINE_LOGIT_METRICS, calibrate_more
+from harness.tolerances import ENGINE_LOGIT_METRICS, calibrate
 
 ENGINES = ("vllm", "sglang", "lmdeploy")
 MAX_NEW_TOKENS = 8  # greedy continuation compared token for token with HF's
@@ -14,15 +16,21 @@ def top_k(vocab: int) -> int:
     return min(vocab, MAX_TOP_K)
 
 
-def greedy_reference(certify, model: str, dtype: str, prompts: dict) -> dict:
-    """HF's greedy continuation + full-vocab log-probs of the fp32 reference checkpoint run in `dtype`."""
+@functools.lru_cache(maxsize=8)
+def _load(path: str) -> dict:
+    """A reference file is judged against by several checks; read it once (paths are per-session scratch)."""
     from safetensors.torch import load_file
 
+    return load_file(path)
+
+
+def greedy_reference(certify, model: str, dtype: str, prompts: dict) -> dict:
+    """HF's greedy continuation + full-vocab log-probs of the fp32 reference checkpoint run in `dtype`."""
     ref_dir = certify.reference_dir(model, "float32")
     out = certify.scratch(model) / f"hf-greedy-{dtype}.safetensors"
     path = certify.call(model, "hf", "greedy_reference", dir=ref_dir, dtype=dtype, prompts=prompts,
                         max_new_tokens=MAX_NEW_TOKENS, out_path=str(out))["path"]
-    return load_file(path)
+    return _load(path)
 
 
 def engine_tolerance(certify, check, prompts: dict, vocab: int):
@@ -34,7 +42,7 @@ def engine_tolerance(certify, check, prompts: dict, vocab: int):
     noisy = engine_logits.record_from_reference(greedy_reference(certify, check.model, check.dtype, prompts),
                                                 prompts, top_k(vocab))
     noise = logits.worst(engine_logits.compare(noisy, truth), engine_logits.ENGINE_BOUNDS)
-    tolerance = calibrate_more(noise, fp32, engine_logits.ENGINE_BOUNDS)
+    tolerance = calibrate(noise, fp32, engine_logits.ENGINE_BOUNDS)
     tolerance.update({k: v for k, v in certify.specs[check.model].tolerances.get(check.dtype, {}).items()
                       if k in tolerance})
     return tolerance, {"method": "2 x HF-bf16 vs HF-fp32 noise", "noise": noise}

@@ -32,7 +32,7 @@ def _tolerance(certify, check, prompts):
     noise_sets = compare_files(_reference(certify, check.model, "float32"),
                                _reference(certify, check.model, check.dtype), prompts)
     noise = logits.worst(noise_sets)
-    tolerance = calibrate(noise, fp32)
+    tolerance = calibrate(noise, fp32, logits.BOUNDS)
     tolerance.update(certify.specs[check.model].tolerances.get(check.dtype, {}))  # an explicit spec value wins
     return {k: tolerance[k] for k in LOGIT_METRICS}, {"method": "2 x HF-bf16 vs HF-fp32 noise", "noise": noise}
 
@@ -62,7 +62,7 @@ def test_logits(check, certify, request):
 def _trainer_logits(certify, check, spec, ref_dir: str, prompts: dict):
     """A trainer backend (per parallel layout): full-vocabulary log-probs against HF's."""
     reference = _reference(certify, check.model, "float32")
-    dtypes = [d for d in spec.dtypes if not certify.dtypes or d in certify.dtypes]
+    dtypes = certify.selected_dtypes(check.model)
     out_dir = str(certify.scratch(check.model) / f"{check.backend}-{check.variant}{check.layout}")
     extra = {}
     if check.layout:  # a parallel layout of a trainer backend

@@ -7,7 +7,7 @@ from harness.backends.base import cuda_visible
 from harness.checks import logits, rollout
 from harness.plan import parse_rollout_variant
 from harness.plugin import conclude
-from harness.tolerances import CALIBRATION_FACTOR, ROLLOUT_METRICS, calibrate_more
+from harness.tolerances import CALIBRATION_FACTOR, ROLLOUT_METRICS, calibrate
 
 SUITE = "rollout"
 
@@ -78,7 +78,7 @@ def test_rollout(check, certify, request):
             hf = lambda d: rollout.trainer_token_logprobs(  # noqa: E731
                 _scores(certify, check.model, "hf", d, sequences, tag), samples, temperature, scales)
             noise = logits.worst(rollout.compare(samples, hf("float32"), hf(check.dtype)), rollout.ROLLOUT_BOUNDS)
-            tolerance = calibrate_more(noise, floor, rollout.ROLLOUT_BOUNDS, factor=2 * CALIBRATION_FACTOR)
+            tolerance = calibrate(noise, floor, rollout.ROLLOUT_BOUNDS, factor=2 * CALIBRATION_FACTOR)
             tolerance.update({k: v for k, v in spec.tolerances.get(check.dtype, {}).items() if k in tolerance})
             calibration = {"method": "2 x 2 x HF-bf16 vs HF-fp32 on the sampled tokens (both sides bf16)",
                            "noise": noise}

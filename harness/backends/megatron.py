@@ -122,10 +122,10 @@ class MegatronBackend(Backend):
 
     def op_roundtrip(self, dir: str, template: str | None = None) -> dict[str, Any]:  # noqa: A002
         from ..checks.roundtrip import measure_roundtrip
+        from ..convert.refit import load_hf_state
 
         hf_config, template, kwargs, absent, view = self._template_and_view(dir, template)
-        state = self._load_hf_state(dir)
-        measurement = measure_roundtrip(state, template, view)
+        measurement = measure_roundtrip(load_hf_state(dir), template, view)
         measurement["expected_shapes"] = self._expected_shapes(view)
         return measurement
 
@@ -137,12 +137,12 @@ class MegatronBackend(Backend):
         from safetensors.torch import save_file
 
         from ..convert import dist
+        from ..convert.refit import load_hf_state
         from .megatron_ranks import run_rank
 
         hf_config, template_obj, kwargs, absent, view = self._template_and_view(dir, template)
-        mca_state, report = template_obj.hf_to_mca(self._load_hf_state(dir), view)
-        layout = dist.Layout(tp, pp, int(view.num_layers), bool(view.get("tie_embeddings_and_output_weights")),
-                             dist.stacked_suffixes(report.stacked))
+        mca_state, report = template_obj.hf_to_mca(load_hf_state(dir), view)
+        layout = dist.layout_for(view, report, tp, pp)
         with tempfile.TemporaryDirectory(prefix="harness-mcore-") as tmp:
             for (p, t), shard in dist.shard(mca_state, layout).items():
                 save_file(shard, f"{tmp}/pp{p}_tp{t}.safetensors")
@@ -171,32 +171,22 @@ class MegatronBackend(Backend):
         from safetensors.torch import load_file
 
         from ..convert import dist
-        from ..convert.layer_spec import to_local
         from ..train_step import save_train_result
 
         template_obj, view, layout, mca_state, report, load_problems = self._run_ranks(dir, template, tp, pp, {
             "mode": "train", "dtype": dtype, "sequences": sequences, "steps": steps, "out_dir": out_dir})
         if load_problems:  # a converter bug: judged as a failure naming the tensors, not a crash
             return {"load_problems": load_problems}
-        template_names = {to_local(name): name for name in mca_state}  # the template may spell TE names
         result: dict[str, Any] = {"losses": json.loads((Path(out_dir) / "losses.json").read_text())}
         for kind in ("grads", "weights"):
             shards = {(p, t): load_file(f"{out_dir}/{kind}_pp{p}_tp{t}.safetensors")
                       for p in range(pp) for t in range(tp)}
-            whole = {template_names.get(n, n): v for n, v in dist.gather(shards, layout).items()}
+            whole = dist.gather_as(shards, layout, mca_state)  # the template may spell TE names
             hf, back = template_obj.mca_to_hf(whole, view)
             result[kind] = hf
             result[f"{kind}_conversion_problems"] = back.problems()
         saved = save_train_result(result, f"{out_dir}/hf")
         return {**saved, "conversion_problems": result["grads_conversion_problems"]}
-
-    def _load_hf_state(self, directory: str):
-        from safetensors.torch import load_file
-
-        state = {}
-        for shard in sorted(Path(directory).glob("*.safetensors")):
-            state.update(load_file(shard))
-        return state
 
     def _expected_shapes(self, view) -> dict[str, list[int]]:
         """Parameter names and shapes of megatron-core's GPTModel (local spec) for this config."""

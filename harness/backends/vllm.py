@@ -49,19 +49,23 @@ class VLLMBackend(Backend):
         self._key: tuple[str, str] | None = None
 
     # ---- the engine ----
+    @property
+    def _logprobs_mode(self) -> str:
+        """What the RL stack reads from the engine (spec rollout.engine_logprobs)."""
+        return self.spec.rollout.engine_logprobs if self.spec else "processed"
+
     def _engine(self, directory: str, dtype: str):
         if self._key != (directory, dtype):
             self._shutdown()
             from vllm import LLM
 
-            mode = self.spec.rollout.engine_logprobs if self.spec else "processed"
             config = json.loads((Path(directory) / "config.json").read_text())
             # the longest prompt set and the rollout grid fit; a model may allow fewer positions
             grid = max(self.spec.rollout.max_new_tokens + self.spec.rollout.gpu_max_new_tokens) if self.spec else 0
             max_len = min(max(MAX_MODEL_LEN, 64 + grid), int(config.get("max_position_embeddings") or MAX_MODEL_LEN))
             self._llm = LLM(model=directory, dtype=dtype, skip_tokenizer_init=True, enforce_eager=True,
                             max_model_len=max_len, max_num_seqs=8, max_logprobs=-1, seed=0,
-                            logprobs_mode=f"{mode}_logprobs",
+                            logprobs_mode=f"{self._logprobs_mode}_logprobs",
                             enable_prefix_caching=False)  # cached KV would survive a weight sync
             self._key = (directory, dtype)
         return self._llm
@@ -162,9 +166,8 @@ class VLLMBackend(Backend):
                 tokens = list(completion.token_ids)
                 samples.append({"cell": cell["cell"], "prompt": cell["prompt"], "generated": tokens,
                                 "logprobs": [step[t].logprob for step, t in zip(completion.logprobs, tokens)]})
-        mode = self.spec.rollout.engine_logprobs if self.spec else "processed"
-        return {"path": engine_record.save(out_path, {"temperature": temperature, "logprobs_mode": mode,
-                                                      "samples": samples})}
+        payload = {"temperature": temperature, "logprobs_mode": self._logprobs_mode, "samples": samples}
+        return {"path": engine_record.save(out_path, payload)}
 
     # ---- helpers ----
     @staticmethod

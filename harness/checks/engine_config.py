@@ -13,17 +13,13 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 from . import config_parsing
-from .config_parsing import Rule, _act_name
+from .config_parsing import _SLIDING_OFF, Rule, _act_name, _field
 
 # key -> why an inference engine never needs it (training-only knobs)
 ENGINE_IGNORED: dict[str, str] = {
     "attention_dropout": "dropout is off at inference (engines run the model in eval mode)",
     "hidden_dropout": "dropout is off at inference (engines run the model in eval mode)",
 }
-
-
-def _sliding_off(cfg: dict) -> bool:
-    return not cfg.get("use_sliding_window")
 
 
 def _hf_rope(cfg: dict) -> dict | None:
@@ -62,10 +58,6 @@ def _reads(*attrs: str, model_config: str | None = None) -> frozenset[str]:
     return frozenset({f"hf_config.{a}" for a in attrs} | ({f"model_config.{model_config}"} if model_config else set()))
 
 
-def _field(name: str) -> Callable[[dict], Any]:
-    return lambda cfg: cfg.get(name)
-
-
 _ROPE_READS = _reads("rope_parameters", "rope_scaling", "rope_theta")
 
 LMDEPLOY_RULES: dict[str, Rule] = {
@@ -100,18 +92,18 @@ LMDEPLOY_RULES: dict[str, Rule] = {
     "rope_theta": Rule(_ROPE_READS, lambda cfg: float(cfg["rope_theta"]), lambda b: b["rope"]["rope_theta"]),
     "rope_scaling": Rule(_ROPE_READS, _hf_rope, lambda b: b["rope"], inactive=lambda cfg: not cfg.get("rope_scaling")),
     "use_sliding_window": Rule(_reads("use_sliding_window"), _field("use_sliding_window"),
-                               _lmd(None, "use_sliding_window"), inactive=_sliding_off),
+                               _lmd(None, "use_sliding_window"), inactive=_SLIDING_OFF),
     "sliding_window": Rule(_reads("sliding_window", model_config="sliding_window"), _field("sliding_window"),
-                           _lmd("sliding_window", "sliding_window"), inactive=_sliding_off),
+                           _lmd("sliding_window", "sliding_window"), inactive=_SLIDING_OFF),
     "max_window_layers": Rule(_reads("max_window_layers"), _field("max_window_layers"),
-                              _lmd(None, "max_window_layers"), inactive=_sliding_off),
+                              _lmd(None, "max_window_layers"), inactive=_SLIDING_OFF),
     "layer_types": Rule(_reads("layer_types"), _field("layer_types"), _lmd(None, "layer_types"),
                         inactive=lambda cfg: all(t == "full_attention" for t in cfg.get("layer_types") or [])),
     "pretraining_tp": Rule(_reads("pretraining_tp"), _field("pretraining_tp"), _lmd(None, "pretraining_tp"),
                            inactive=lambda cfg: cfg.get("pretraining_tp", 1) == 1),
 }
 
-# engine name -> (rules, keys it legitimately never needs); the vLLM backend adds its own entry
+# engine name -> (rules, keys it legitimately never needs); harness/checks/vllm_config.py adds vLLM's entry
 ENGINES: dict[str, tuple[dict[str, Rule], dict[str, str]]] = {
     "lmdeploy": (LMDEPLOY_RULES, ENGINE_IGNORED),
 }

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import config_parsing
-from .config_parsing import Rule, _act_name, _field, _rope
+from . import engine_config
+from .config_parsing import _SLIDING_OFF, Rule, _act_name, _field, _rope
 from .engine_config import ENGINE_IGNORED
 
 NOT_EXPOSED = "<not exposed by the engine>"
@@ -52,8 +52,6 @@ def _rule(key: str, hf, engine, **kw) -> Rule:
     return Rule(frozenset({key}), hf, engine, **kw)
 
 
-_SLIDING_OFF = lambda cfg: not cfg.get("use_sliding_window")  # noqa: E731
-
 VLLM_RULES: dict[str, Rule] = {
     "vocab_size": _rule("vocab_size", _field("vocab_size"), _mc("vocab_size")),
     "hidden_size": _rule("hidden_size", _field("hidden_size"), _mc("hidden_size")),
@@ -91,14 +89,15 @@ VLLM_RULES: dict[str, Rule] = {
 }
 
 
+engine_config.ENGINES["vllm"] = (VLLM_RULES, ENGINE_IGNORED)
+
+
 def measure(hf_config: dict, view: dict[str, Any]) -> dict[str, Any]:
-    """config_parsing's per-key table for vLLM; missing module attributes become "unverified"."""
-    exposed = {k: rule for k, rule in VLLM_RULES.items() if rule.backend(view) is not None or rule.inactive(hf_config)}
-    table = config_parsing.measure(hf_config, set(exposed), [], {}, view, exposed)
+    """engine_config's per-key table for vLLM; values the model class does not expose become "unverified"."""
+    exposed = [k for k, rule in VLLM_RULES.items() if rule.backend(view) is not None or rule.inactive(hf_config)]
+    table = engine_config.measure("vllm", hf_config, exposed, view)
     for key, row in table["keys"].items():
-        if key in ENGINE_IGNORED:
-            row.update(state="ignored", why=ENGINE_IGNORED[key])
-        elif key in VLLM_RULES and key not in exposed:
+        if key in VLLM_RULES and key not in exposed:
             row.update(state="unverified", backend=NOT_EXPOSED,
                        why="the engine's model class does not expose it; the logits suite covers it")
     return table

@@ -58,6 +58,12 @@ class Layout:
         return self.stacked.get(m.group(2) if m else local, 1)
 
 
+def layout_for(view, forward_report, tp: int, pp: int) -> "Layout":
+    """The (tp, pp) layout of a state dict the template converted (hf_to_mca) under McaConfigView `view`."""
+    return Layout(tp, pp, int(view.num_layers), bool(view.get("tie_embeddings_and_output_weights")),
+                  stacked_suffixes(forward_report.stacked))
+
+
 def stacked_suffixes(stacked: dict[str, tuple[int, int]]) -> dict[str, int]:
     """ConversionReport.stacked (full names) -> {layer-local suffix: parts}."""
     out = {}
@@ -127,3 +133,10 @@ def gather(shards: dict[tuple[int, int], dict[str, torch.Tensor]], layout: Layou
                         raise ValueError(f"{name}: duplicated tensor differs between tp ranks 0 and {t}")
             whole[name] = _tp_join(pieces, dim, layout.parts(name))
     return whole
+
+
+def gather_as(shards: dict[tuple[int, int], dict[str, torch.Tensor]], layout: Layout,
+              spelled_like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """gather, with names spelled as in `spelled_like` (the template's own output may use TE names)."""
+    spelling = {to_local(name): name for name in spelled_like}
+    return {spelling.get(name, name): tensor for name, tensor in gather(shards, layout).items()}

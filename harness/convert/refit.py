@@ -32,12 +32,6 @@ def trainer_weights(directory: str, template, tp: int, pp: int) -> tuple[dict[st
     kwargs, _absent = template.mca_config_kwargs(AutoConfig.from_pretrained(directory))
     view = McaConfigView(kwargs)
     mca_state, forward = template.hf_to_mca(load_hf_state(directory), view)
-    layout = dist.Layout(tp, pp, int(view.num_layers), bool(view.get("tie_embeddings_and_output_weights")),
-                         dist.stacked_suffixes(forward.stacked))
-    gathered = dist.gather(dist.shard(mca_state, layout), layout)
-    # gather speaks local-spec names; hand the template back the spelling it produced
-    from .layer_spec import to_local
-
-    spelled = {to_local(name): name for name in mca_state}
-    hf_state, backward = template.mca_to_hf({spelled.get(n, n): t for n, t in gathered.items()}, view)
+    layout = dist.layout_for(view, forward, tp, pp)
+    hf_state, backward = template.mca_to_hf(dist.gather_as(dist.shard(mca_state, layout), layout, mca_state), view)
     return hf_state, forward.problems() + backward.problems()
