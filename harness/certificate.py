@@ -9,31 +9,106 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-CERTIFICATE_VERSION = 1
+CERTIFICATE_VERSION = 2
+SCOPES = ("cpu", "gpu")
+SIGNING_KEY_ENV = "CERTIFY_SIGNING_KEY"  # a CI secret: with it the integrity seal is an HMAC no hand edit can redo
 
 
 def verdict_of(checks: list[dict[str, Any]]) -> str:
+    """failed on any failed/error; certified when every check passed or cannot exist by design; else incomplete."""
     statuses = {c["status"] for c in checks}
     if statuses & {"failed", "error"}:
         return "failed"
-    if not checks or statuses != {"passed"}:
+    if "passed" not in statuses or statuses - {"passed", "not_applicable"}:
         return "incomplete"
     return "certified"
 
 
+def scope_verdicts(checks: list[dict[str, Any]]) -> dict[str, str]:
+    """Per scope ('cpu': what a CPU runner runs; 'gpu': what needs CUDA): its verdict, or not_planned."""
+    out = {}
+    for scope in SCOPES:
+        rows = [c for c in checks if c.get("scope") == scope]
+        if not rows:
+            out[scope] = "not_planned"
+        elif all(c["status"] == "not_applicable" for c in rows):
+            out[scope] = "not_applicable"
+        else:
+            out[scope] = verdict_of(rows)
+    return out
+
+
+def _backend_suites(rows: list[dict[str, Any]]) -> str:
+    by_backend: dict[str, list[str]] = {}
+    for row in rows:
+        suites = by_backend.setdefault(row["backend"], [])
+        if row["suite"] not in suites:
+            suites.append(row["suite"])
+    return ", ".join(f"{b} ({', '.join(s)})" for b, s in by_backend.items())
+
+
+def summary_line(checks: list[dict[str, Any]]) -> str:
+    """"CPU scope certified: hf, megatron; GPU scope not run here: sglang (logits)" — what people read first."""
+    parts = []
+    for scope, verdict in scope_verdicts(checks).items():
+        rows = [c for c in checks if c.get("scope") == scope]
+        label = scope.upper()
+        if verdict == "not_planned":
+            parts.append(f"{label} scope: nothing planned")
+        elif verdict == "certified":
+            backends = list(dict.fromkeys(c["backend"] for c in rows if c["status"] == "passed"))
+            parts.append(f"{label} scope certified: {', '.join(backends)}")
+        elif verdict == "failed":
+            parts.append(f"{label} scope failed: "
+                         f"{_backend_suites([c for c in rows if c['status'] in ('failed', 'error')])}")
+        elif verdict == "not_applicable":
+            parts.append(f"{label} scope not applicable")
+        else:
+            missing = [c for c in rows if c["status"] == "not_run"]
+            parts.append(f"{label} scope not run here: {_backend_suites(missing)}" if missing
+                         else f"{label} scope incomplete")
+    return "; ".join(parts)
+
+
+def canonical(cert: dict[str, Any]) -> bytes:
+    """The bytes the integrity seal covers: everything but the seal, keys sorted."""
+    body = {k: v for k, v in cert.items() if k != "integrity"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def seal(cert: dict[str, Any], key: str | None = None) -> dict[str, str]:
+    """sha256 of the canonical body (catches hand edits); with a signing key also an HMAC (catches forgery)."""
+    import hashlib
+    import hmac
+
+    body = canonical(cert)
+    out = {"sha256": hashlib.sha256(body).hexdigest()}
+    key = key if key is not None else os.environ.get(SIGNING_KEY_ENV)
+    if key:
+        out["hmac_sha256"] = hmac.new(key.encode(), body, hashlib.sha256).hexdigest()
+    return out
+
+
 def build(model: str, spec_sha256: str, versions: dict[str, str], checks: list[dict[str, Any]],
-          command: str = "", spec_path: str = "") -> dict[str, Any]:
-    return {
+          command: str = "", spec_path: str = "", spec_text: str = "", device: dict[str, Any] | None = None
+          ) -> dict[str, Any]:
+    cert = {
         "certificate_version": CERTIFICATE_VERSION,
         "model": model,
         "spec_sha256": spec_sha256,
         "spec_path": spec_path,
+        "spec_text": spec_text,
         "verdict": verdict_of(checks),
+        "scopes": scope_verdicts(checks),
+        "summary": summary_line(checks),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "versions": versions,
+        "device": device or {"kind": "cpu"},
         "checks": checks,
     }
+    cert["integrity"] = seal(cert)
+    return cert
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -53,10 +128,23 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+def bound_text(key: str, bound: Any) -> str:
+    """'max_abs_logprob≤0.24 (calibrated)', or '… (spec, loosened by the spec)'."""
+    if not isinstance(bound, dict):
+        return f"{key}{'≥' if key.startswith('min_') else '≤'}{_short(bound)}"
+    text = f"{key}{'≤' if bound.get('upper', True) else '≥'}{_short(bound.get('value'))} ({bound.get('source')}"
+    if bound.get("loosened_by_spec"):
+        text += f", loosened by the spec from {_short(bound.get('harness_value'))}"
+    return text + ")"
+
+
 def render_markdown(cert: dict[str, Any]) -> str:
-    icon = {"passed": "✅ passed", "failed": "❌ failed", "error": "💥 error", "not_run": "⏭️ not run"}
+    icon = {"passed": "✅ passed", "failed": "❌ failed", "error": "💥 error", "not_run": "⏭️ not run",
+            "not_applicable": "➖ not applicable"}
     lines = [
         f"# {cert['model']}: **{cert['verdict']}**",
+        "",
+        f"**{cert.get('summary', '')}**",
         "",
         f"spec sha256 `{cert['spec_sha256'][:16]}…` · {cert['created']}"
         + (f" · reproduce: `{cert['command']}`" if cert.get("command") else ""),
@@ -66,8 +154,7 @@ def render_markdown(cert: dict[str, Any]) -> str:
     ]
     for check in cert["checks"]:
         metrics = ", ".join(f"{k}={_short(v)}" for k, v in check.get("metrics", {}).items() if _short(v))
-        tolerance = ", ".join(f"{k}{'≥' if k.startswith('min_') else '≤'}{_short(v)}"
-                              for k, v in check.get("tolerance", {}).items())
+        tolerance = ", ".join(bound_text(k, v) for k, v in check.get("tolerance", {}).items())
         reason = check.get("reason", "").replace("|", "\\|").replace("\n", " ")
         lines.append(f"| `{check['id']}` | {icon.get(check['status'], check['status'])} | {metrics} | "
                      f"{tolerance} | {reason[:300]} |")

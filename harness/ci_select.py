@@ -1,14 +1,13 @@
 """CI helpers: which models a change touches, and whether a certificate may pass the CPU PR gate.
 
     python -m harness.ci_select --base origin/main       # models touched by REV...HEAD, space-separated
-    python -m harness.ci_select --gate reports/*/certificate.json   # exit 1 if a CPU-runnable check failed
+    python -m harness.ci_select --gate reports/*/certificate.json   # exit 1 unless it verifies and its CPU scope passed
 
 Both are pure functions underneath (`select_models`, `gate`) so the workflow's decisions are tested.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import posixpath
 import subprocess
@@ -30,15 +29,6 @@ DOC_FILES = {"LICENSE", "reports/README.md"}
 
 # backend -> suites of it that run on a CPU runner (None: every suite). The PR gate fails on
 # these; the others (GPU engines) are certified by gpu.yml and only reported here.
-CPU_RUNNABLE: dict[str, set[str] | None] = {
-    "hf": None,
-    "megatron": None,
-    "deepspeed": None,
-    "vllm": {"config"},
-    "lmdeploy": {"config"},
-}
-
-
 def _norm(path: str) -> str:
     path = path.strip().replace("\\", "/")
     while path.startswith("./"):
@@ -134,10 +124,12 @@ def load_specs(root: Path = REPO_ROOT) -> dict[str, dict[str, Any]]:
     """
     import yaml
 
+    from .spec_yaml import load_yaml
+
     specs: dict[str, dict[str, Any]] = {}
     for path in sorted((root / SPECS_DIR).glob("*.yaml")):
         try:
-            data = yaml.safe_load(path.read_text())
+            data = load_yaml(path.read_text())
         except (OSError, yaml.YAMLError):
             data = None
         spec = dict(data) if isinstance(data, dict) else {}
@@ -153,33 +145,29 @@ def changed_files(base: str, root: Path = REPO_ROOT) -> list[str]:
     return [line for line in out.splitlines() if line.strip()]
 
 
-def cpu_runnable(check: dict[str, Any]) -> bool:
-    backend = check.get("backend")
-    if backend not in CPU_RUNNABLE:
-        return False
-    suites = CPU_RUNNABLE[backend]
-    return suites is None or check.get("suite") in suites
-
-
 def gate(certificate: dict[str, Any]) -> tuple[bool, str]:
     """Whether a touched model's certificate passes the CPU PR gate, and a one-line message.
 
-    It fails when a check of a CPU-runnable backend failed or errored; checks of GPU engines
-    (sglang, vllm/lmdeploy logits, ...) and not_run checks do not fail it.
+    Evidence or nothing: every check a CPU runner can run (scope "cpu", declared by its backend) must
+    have passed or be not_applicable by design; a not_run or error row fails the gate as surely as a
+    failed one (a backend that did not install leaves not_run rows behind). GPU-scope rows are
+    left to gpu.yml and named in the message.
     """
     model = certificate.get("model", "?")
     checks = certificate.get("checks") or []
-    bad = [c for c in checks if c.get("status") in ("failed", "error") and cpu_runnable(c)]
+    cpu = [c for c in checks if c.get("scope") == "cpu"]
+    if not cpu:
+        return False, f"{model}: no CPU-scope checks in the certificate: nothing was proven here"
+    bad = [c for c in cpu if c.get("status") not in ("passed", "not_applicable")]
     if bad:
         first = bad[0]
         reason = (first.get("reason") or "").strip().splitlines()[0:1]
         more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
-        return False, (f"{model}: {len(bad)} CPU check(s) failed or errored: {first.get('id')} "
+        return False, (f"{model}: {len(bad)} CPU check(s) without a pass: {first.get('id')} "
                        f"{first.get('status')}{': ' + reason[0][:200] if reason else ''}{more}")
-    other = [c for c in checks if c.get("status") in ("failed", "error")]
-    passed = sum(c.get("status") == "passed" for c in checks)
-    note = f"; {len(other)} GPU-only check(s) failed or errored, left to gpu.yml" if other else ""
-    return True, f"{model}: CPU gate passed ({passed} passed, verdict {certificate.get('verdict')}){note}"
+    gpu = [c for c in checks if c.get("scope") == "gpu" and c.get("status") != "passed"]
+    note = f"; {len(gpu)} GPU-scope check(s) left to gpu.yml" if gpu else ""
+    return True, f"{model}: CPU scope certified ({len(cpu)} checks){note} — {certificate.get('summary', '')}"
 
 
 def _write_output(name: str, value: str) -> None:
@@ -195,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--base", metavar="REV", help="print the models touched by `git diff REV...HEAD`")
     mode.add_argument("--gate", nargs="+", type=Path, metavar="CERTIFICATE",
-                      help="exit 1 if any certificate has a failed/error check of a CPU-runnable backend")
+                      help="exit 1 unless every certificate verifies and every CPU-scope check passed")
     args = parser.parse_args(argv)
 
     if args.base is not None:
@@ -211,12 +199,14 @@ def main(argv: list[str] | None = None) -> int:
         _write_output("reason", " ".join(reason.split()))
         return 0
 
+    from .verify import Invalid, verify
+
     status = 0
     for path in args.gate:
         try:
-            cert = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            print(f"FAIL {path}: no readable certificate ({exc})")
+            cert = verify(path)  # a certificate that does not verify proves nothing, whatever its rows say
+        except Invalid as exc:
+            print(f"FAIL {path}: the certificate does not verify: {exc}")
             status = 1
             continue
         ok, message = gate(cert)

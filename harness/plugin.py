@@ -119,10 +119,12 @@ def _certify_gate(request: pytest.FixtureRequest):
     session = request.config.stash.get(SESSION_KEY, None)
     if check is None or session is None:
         return
+    from .verdict import Verdict
+
+    if check.not_applicable:
+        conclude(request, session, check, Verdict("not_applicable", check.not_applicable))
     reason = session.unavailable(check)
     if reason:
-        from .verdict import Verdict
-
         conclude(request, session, check, Verdict("not_run", reason))
 
 
@@ -135,8 +137,8 @@ def conclude(request: pytest.FixtureRequest, session, check, verdict, seconds: f
                                                                      default=str)))
     if verdict.status == "passed":
         return
-    if verdict.status == "not_run":
-        pytest.skip(f"not run: {verdict.reason}")
+    if verdict.status in ("not_run", "not_applicable"):
+        pytest.skip(f"{verdict.status.replace('_', ' ')}: {verdict.reason}")
     pytest.fail(f"{check.id} {verdict.status}: {verdict.reason}", pytrace=False)
 
 

@@ -49,8 +49,6 @@ class CertifySession:
             return f"no {check.backend!r} backend module in this harness version yet"
         if check.suite not in cls.suites:
             return f"the {check.backend!r} backend does not implement the {check.suite!r} suite yet"
-        if check.dtype in cls.unsupported_dtypes:
-            return cls.unsupported_dtypes[check.dtype]
         return cls.suite_unavailable(check.suite)
 
     # ---- running ----
@@ -125,7 +123,8 @@ class CertifySession:
 
     def row(self, check: PlannedCheck, verdict: Verdict, seconds: float = 0.0) -> dict[str, Any]:
         return {"id": check.id, "suite": check.suite, "backend": check.backend, "variant": check.variant,
-                "dtype": check.dtype, "layout": check.layout, "seconds": seconds, **verdict.as_dict()}
+                "dtype": check.dtype, "layout": check.layout, "scope": check.scope, "seconds": seconds,
+                **verdict.as_dict()}
 
     def add_result(self, model: str, row: dict[str, Any], versions: dict[str, str] | None = None) -> None:
         self.results.setdefault(model, {})[row["id"]] = row
@@ -139,7 +138,9 @@ class CertifySession:
             rows = []
             for check in self.plans[name]:
                 row = self.results[name].get(check.id)
-                if row is None and check.id not in self.selected:
+                if row is None and check.not_applicable:  # by design, whatever this run selected
+                    row = self.row(check, Verdict("not_applicable", check.not_applicable))
+                elif row is None and check.id not in self.selected:
                     row = self.row(check, Verdict("not_run", "not selected by --backend/--dtype in this run"))
                 elif row is None:
                     row = self.row(check, Verdict("not_run", "not executed in this run (deselected or interrupted)"))
@@ -148,7 +149,7 @@ class CertifySession:
             command = f"pytest --model {name}" if in_repo else f"pytest --model-spec {spec.source}"
             command += "".join(f" --backend {b}" for b in self.backends) + "".join(f" --dtype {d}" for d in self.dtypes)
             out[name] = certificate.build(name, spec.sha256, dict(sorted(self.versions.items())), rows, command,
-                                          str(spec.source or ""))
+                                          str(spec.source or ""), spec.text)
         return out
 
     def write_certificates(self) -> dict[str, tuple[Path, dict[str, Any]]]:

@@ -1,10 +1,18 @@
-"""Default tolerances per dtype and metric; a spec may override any of them.
+"""The one tolerance model: every bound a check is judged by, with where it came from.
 
-Conversion checks are exact by construction (a converter only moves bytes), so
-their tolerance is 0. Parity tolerances for later suites live here too so that
-a spec can only name metrics the harness knows.
+A bound is a record {value, metric, upper, source, ...}; `source` is
+  default     the harness's table below (conversion checks are exact by construction: 0),
+  calibrated  derived from measured noise (`calibration`: method, noise, factor, floor), or
+  spec        the spec's `tolerances:` value; `harness_value` is what the harness would have used, and
+              `loosened_by_spec` says whether the spec's value is looser.
+`resolve` builds them, `harness.verify` rebuilds them from the same inputs, and the certificate, the
+HTML page and the gate read them. Judges index a Tolerance like a dict of numbers.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
 
 DTYPES = ("float32", "bfloat16")
 
@@ -14,11 +22,11 @@ DEFAULTS: dict[str, tuple[float, float, str]] = {
     "save_load_max_abs_diff": (0.0, 0.0, "HF save_pretrained -> from_pretrained, max |a-b|"),
     "max_abs_logprob": (1e-4, 0.25, "max |logprob_backend - logprob_hf| over tokens"),
     "mean_abs_logprob": (1e-5, 0.03, "mean |logprob_backend - logprob_hf| over tokens"),
-    "min_top1_agreement": (1.0, 0.95, "fraction of positions whose argmax agrees (lower bound)"),
-    "min_topk_overlap": (0.99, 0.9, "mean top-5 overlap with the reference (lower bound)"),
-    "min_greedy_equal": (1.0, 0.9, "fraction of prompts whose greedy next token agrees (lower bound)"),
+    "min_top1_agreement": (1.0, 0.95, "fraction of decisive positions whose argmax agrees (lower bound)"),
+    "min_topk_overlap": (0.99, 0.9, "mean top-5 overlap with the reference at decisive positions (lower bound)"),
+    "min_greedy_equal": (1.0, 0.9, "fraction of decisive prompts whose greedy next token agrees (lower bound)"),
     "max_mean_exp_abs_logprob": (1.0001, 1.05, "NeMo-RL metric mean(exp(|dlogp|)) (upper bound)"),
-    "min_greedy_sequence_equal": (1.0, 0.5, "fraction of prompts whose whole greedy continuation agrees"),
+    "min_greedy_sequence_equal": (1.0, 0.5, "fraction of decisive prompts whose whole greedy continuation agrees"),
     "min_closeness": (1.0, 0.9, "vLLM-style: at the first divergent greedy token each side's token is in the "
                                 "other's top-5 (fraction of prompts)"),
     "max_prob_diff_mean": (1e-5, 0.005, "verl rollout_probs_diff: mean |p_engine - p_trainer| on realized tokens"),
@@ -26,40 +34,164 @@ DEFAULTS: dict[str, tuple[float, float, str]] = {
     "max_grad_diff": (1e-5, 5e-2, "max |grad_backend - grad_reference|"),
     "max_weight_diff": (1e-5, 5e-2, "max |updated weight backend - reference|"),
 }
-
 KNOWN_METRICS = tuple(DEFAULTS)
 
-
-def resolve(dtype: str, overrides: dict[str, dict[str, float]] | None, metrics: list[str]) -> dict[str, float]:
-    """Tolerances for `metrics` at `dtype`: spec override if given, else the default."""
-    column = 0 if dtype == "float32" else 1
-    chosen = {m: DEFAULTS[m][column] for m in metrics}
-    chosen.update({m: v for m, v in ((overrides or {}).get(dtype) or {}).items() if m in chosen})
-    return chosen
-
+# tolerance key -> (the metric it bounds, True for an upper bound); one table for every judge
+BOUND_METRICS: dict[str, tuple[str, bool]] = {
+    "roundtrip_max_abs_diff": ("max_abs_diff", True),
+    "save_load_max_abs_diff": ("max_abs_diff", True),
+    "max_abs_logprob": ("max_abs_logprob", True),
+    "mean_abs_logprob": ("mean_abs_logprob", True),
+    "min_top1_agreement": ("top1_agreement", False),
+    "min_topk_overlap": ("topk_overlap", False),
+    "min_greedy_equal": ("greedy_equal", False),
+    "max_mean_exp_abs_logprob": ("mean_exp_abs_logprob", True),
+    "min_greedy_sequence_equal": ("greedy_sequence_equal", False),
+    "min_closeness": ("closeness", False),
+    "max_prob_diff_mean": ("prob_diff_mean", True),
+    "max_loss_diff": ("max_loss_diff", True),
+    "max_grad_diff": ("max_grad_diff", True),
+    "max_weight_diff": ("max_weight_diff", True),
+}
 
 LOGIT_METRICS = ("max_abs_logprob", "mean_abs_logprob", "min_top1_agreement", "min_topk_overlap",
                  "min_greedy_equal", "max_mean_exp_abs_logprob")
 ENGINE_LOGIT_METRICS = (*LOGIT_METRICS, "min_greedy_sequence_equal", "min_closeness", "max_prob_diff_mean")
 ROLLOUT_METRICS = ("max_abs_logprob", "mean_abs_logprob", "max_mean_exp_abs_logprob", "max_prob_diff_mean")
+TRAIN_METRICS = ("max_loss_diff", "max_grad_diff", "max_weight_diff")
 CALIBRATION_FACTOR = 2.0  # a backend may be at most this many times noisier than HF's own bf16 rounding
+# Both sides bf16 (engine and trainer): each may be CALIBRATION_FACTOR x HF's noise away from the truth.
+BOTH_SIDES_FACTOR = 2 * CALIBRATION_FACTOR
+
+# (suite, backend kind) -> the bounds its rows carry; what `verify` expects to find on every judged row
+ENGINES = ("vllm", "sglang", "lmdeploy")
 
 
-def calibrate(noise: dict[str, float], floor: dict[str, float], bounds: dict[str, tuple[str, bool]],
-              factor: float = CALIBRATION_FACTOR) -> dict[str, float]:
-    """bf16 tolerances from the measured noise of HF-bf16 vs HF-fp32 on the same inputs.
+def expected_keys(suite: str, backend: str, variant: str = "") -> tuple[str, ...] | None:
+    """The tolerance keys a row of this suite must carry (None: a structural check with its own counts)."""
+    if suite == "logits":
+        return ENGINE_LOGIT_METRICS if backend in ENGINES else LOGIT_METRICS
+    if suite == "refit":
+        return LOGIT_METRICS
+    if suite == "rollout":
+        return ROLLOUT_METRICS
+    if suite == "train":
+        return TRAIN_METRICS
+    if suite == "roundtrip" and variant == "bit-exact":
+        return ("roundtrip_max_abs_diff",)
+    if suite == "hf" and variant == "save-load":
+        return ("save_load_max_abs_diff",)
+    return None
 
-    `noise` holds the worst value over prompt sets of each parity metric; `floor` (the fp32
-    tolerances) keeps a bound from collapsing to zero when the noise happens to be zero;
-    `bounds` maps each tolerance key to (metric, True when the metric is an upper bound).
-    """
-    out = {}
-    for key, bound in floor.items():
-        metric, upper = bounds[key]
-        if metric == "mean_exp_abs_logprob":  # a ratio whose ideal is 1
-            out[key] = max(bound, 1 + factor * (noise[metric] - 1))
-        elif upper:
-            out[key] = max(bound, factor * noise[metric])
-        else:  # an agreement rate whose ideal is 1
-            out[key] = min(bound, 1 - factor * (1 - noise[metric]))
+
+PARITY_SUITES = ("logits", "refit", "rollout", "train")
+
+
+def needs_calibration(suite: str, dtype: str) -> bool:
+    """Parity bounds outside fp32 are calibrated on measured noise, never taken from a table."""
+    return suite in PARITY_SUITES and dtype not in ("", "float32")
+
+
+def calibration_factor(suite: str) -> float:
+    """How many times HF's own bf16 noise a suite allows: both sides are bf16 in rollout and refit."""
+    return BOTH_SIDES_FACTOR if suite in ("rollout", "refit") else CALIBRATION_FACTOR
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured noise a bf16 bound is derived from: `noise` holds each metric's worst value."""
+
+    method: str
+    noise: dict[str, float]
+    factor: float = CALIBRATION_FACTOR
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "noise": dict(self.noise), "factor": self.factor}
+
+
+def calibrated_value(key: str, noise: float | None, factor: float) -> float:
+    """A bound `factor` times the measured noise away from the ideal, never tighter than the fp32 default.
+
+    No noise measured (an agreement rate with no decisive position to count): the fp32 default, which
+    judges nothing then either, since the backend's rate has no decisive position to count."""
+    floor = DEFAULTS[key][0]
+    metric, upper = BOUND_METRICS[key]
+    if noise is None:
+        return floor
+    if metric == "mean_exp_abs_logprob":  # a ratio whose ideal is 1
+        return max(floor, 1 + factor * (noise - 1))
+    if upper:
+        return max(floor, factor * noise)
+    return min(floor, 1 - factor * (1 - noise))  # an agreement rate whose ideal is 1
+
+
+def looser(value: float, than: float, upper: bool) -> bool:
+    return value > than if upper else value < than
+
+
+class Tolerance(dict):
+    """key -> effective bound value (what judges compare against); `.records` carries the provenance."""
+
+    def __init__(self, records: dict[str, dict[str, Any]]):
+        super().__init__({key: record["value"] for key, record in records.items()})
+        self.records = records
+
+
+def record(key: str, dtype: str, spec_tolerances: dict[str, dict[str, float]] | None = None,
+           calibration: Calibration | None = None) -> dict[str, Any]:
+    metric, upper = BOUND_METRICS.get(key, (key, not key.startswith("min_")))
+    if calibration is not None and metric in calibration.noise:
+        noise = calibration.noise[metric]
+        harness_value = calibrated_value(key, noise, calibration.factor)
+        out: dict[str, Any] = {"value": harness_value, "metric": metric, "upper": upper, "source": "calibrated",
+                               "calibration": {"method": calibration.method, "noise": noise,
+                                               "factor": calibration.factor, "floor": DEFAULTS[key][0]}}
+    else:
+        harness_value = DEFAULTS[key][0 if dtype == "float32" else 1]
+        out = {"value": harness_value, "metric": metric, "upper": upper, "source": "default"}
+    spec_value = ((spec_tolerances or {}).get(dtype) or {}).get(key)
+    if spec_value is not None:
+        out.update(value=spec_value, source="spec", harness_value=harness_value,
+                   loosened_by_spec=looser(spec_value, harness_value, upper))
     return out
+
+
+def resolve(dtype: str, spec_tolerances: dict[str, dict[str, float]] | None, keys,
+            calibration: Calibration | None = None) -> Tolerance:
+    """The bounds `keys` at `dtype`: calibrated where evidence is given, else the default; a spec value wins."""
+    return Tolerance({key: record(key, dtype, spec_tolerances, calibration) for key in keys})
+
+
+def exact(**counts: float) -> Tolerance:
+    """Structural checks (counts of missing/mismatched things): exact by construction."""
+    return Tolerance({key: {"value": value, "metric": key, "upper": True, "source": "default"}
+                      for key, value in counts.items()})
+
+
+def as_records(tolerance: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The certificate form; a plain {key: number} (a test's or an old judge's) reads as harness defaults."""
+    if isinstance(tolerance, Tolerance):
+        return tolerance.records
+    return {key: (value if isinstance(value, dict) else
+                  {"value": value, "metric": BOUND_METRICS.get(key, (key,))[0],
+                   "upper": not key.startswith("min_"), "source": "default"})
+            for key, value in tolerance.items()}
+
+
+def values(tolerance: dict[str, Any]) -> dict[str, float]:
+    """{key: number} from a certificate row's tolerance (records) or a plain mapping."""
+    return {key: (value["value"] if isinstance(value, dict) else value) for key, value in tolerance.items()}
+
+
+def invalid_override(key: str, value: float) -> str | None:
+    """Why a spec's tolerance value can never be a meaningful bound (None when it can)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return f"{value!r} is not a finite number"
+    metric, upper = BOUND_METRICS[key]
+    if value < 0:
+        return f"{value} is negative: no measurement can be below zero"
+    if not upper and value > 1:
+        return f"{value} > 1: {metric} is a fraction, so the bound can never be met"
+    if metric == "mean_exp_abs_logprob" and value < 1:
+        return f"{value} < 1: exp(|Δ|) is at least 1, so the bound can never be met"
+    return None

@@ -1,10 +1,18 @@
-"""A verdict is a measurement judged against a tolerance; it becomes one certificate row."""
+"""A verdict is a measurement judged against a tolerance; it becomes one certificate row.
+
+Statuses: passed / failed / error are judged here; not_run means this machine lacks something (the reason
+says what), not_applicable means the combination cannot exist by design (the backend says why). Neither
+of the last two is ever a pass.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Status = Literal["passed", "failed", "not_run", "error"]
+from .tolerances import as_records
+
+Status = Literal["passed", "failed", "not_run", "not_applicable", "error"]
+STATUSES = ("passed", "failed", "error", "not_run", "not_applicable")
 
 
 @dataclass
@@ -15,7 +23,8 @@ class Verdict:
     tolerance: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"status": self.status, "reason": self.reason, "metrics": self.metrics,
+                "tolerance": as_records(self.tolerance)}
 
 
 def from_problems(problems: list[str], metrics: dict[str, Any], tolerance: dict[str, Any] | None = None,

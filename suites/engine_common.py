@@ -1,11 +1,12 @@
-"""What the engine suites share: HF's greedy reference, the record comparison, and calibrated bounds."""
+"""What the engine suites share: HF's greedy reference and the engine-record judge's inputs."""
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
 from harness import engine_record
-from harness.checks import engine_logits, logits
-from harness.tolerances import ENGINE_LOGIT_METRICS, calibrate
+from harness.checks import engine_logits
 
 ENGINES = ("vllm", "sglang", "lmdeploy")
 MAX_NEW_TOKENS = 8  # greedy continuation compared token for token with HF's
@@ -33,23 +34,32 @@ def greedy_reference(certify, model: str, dtype: str, prompts: dict) -> dict:
     return _load(path)
 
 
-def engine_tolerance(certify, check, prompts: dict, vocab: int):
-    """fp32: the defaults; bf16: 2 x HF-bf16's own noise measured with the same metrics (spec values win)."""
-    fp32 = certify.tolerance(check.__class__(**{**check.__dict__, "dtype": "float32"}), list(ENGINE_LOGIT_METRICS))
+def judge_record(certify, check, record_path: str, prompts: dict, where: str, problems=()):
+    """An engine record against HF fp32's greedy reference (bf16: calibrated on HF's own bf16 run)."""
+    truth = greedy_reference(certify, check.model, "float32", prompts)
+    noisy = greedy_reference(certify, check.model, check.dtype, prompts) if check.dtype != "float32" else None
+    return engine_logits.evaluate(truth, noisy, engine_record.load(record_path), prompts, check.dtype,
+                                  certify.specs[check.model].tolerances, where, list(problems))
+
+
+def engine_logits(certify, check, ref_dir: str, prompts: dict):
+    """A rollout engine: prompt log-probs and a greedy continuation, against HF's."""
+    vocab = json.loads((Path(ref_dir) / "config.json").read_text())["vocab_size"]
+    out = certify.scratch(check.model) / f"{check.backend}-logits-{check.dtype}.json"
+    run = certify.call(check.model, check.backend, "logprobs", dir=ref_dir, dtype=check.dtype, prompts=prompts,
+                       top_k=top_k(vocab), max_new_tokens=MAX_NEW_TOKENS, out_path=str(out))
+    return judge_record(certify, check, run["path"], prompts, check.dtype)
+
+
+def engine_tolerance(certify, check, prompts: dict, vocab: int, factor: float | None = None):
+    """(Tolerance, calibration evidence) for an engine record judged in check.dtype (bf16: HF's own noise)."""
+    from harness.tolerances import CALIBRATION_FACTOR, ENGINE_LOGIT_METRICS, resolve
+
+    spec_tolerances = certify.specs[check.model].tolerances
     if check.dtype == "float32":
-        return fp32, None
-    truth = greedy_reference(certify, check.model, "float32", prompts)
-    noisy = engine_logits.record_from_reference(greedy_reference(certify, check.model, check.dtype, prompts),
-                                                prompts, top_k(vocab))
-    noise = logits.worst(engine_logits.compare(noisy, truth), engine_logits.ENGINE_BOUNDS)
-    tolerance = calibrate(noise, fp32, engine_logits.ENGINE_BOUNDS)
-    tolerance.update({k: v for k, v in certify.specs[check.model].tolerances.get(check.dtype, {}).items()
-                      if k in tolerance})
-    return tolerance, {"method": "2 x HF-bf16 vs HF-fp32 noise", "noise": noise}
-
-
-def judge_record(certify, check, record_path: str, prompts: dict, vocab: int, where: str, problems=()):
-    truth = greedy_reference(certify, check.model, "float32", prompts)
-    per_set = engine_logits.compare(engine_record.load(record_path), truth)
-    tolerance, calibration = engine_tolerance(certify, check, prompts, vocab)
-    return logits.judge(per_set, tolerance, where, list(problems), calibration, engine_logits.ENGINE_BOUNDS)
+        return resolve("float32", spec_tolerances, ENGINE_LOGIT_METRICS), None
+    calibration = engine_logits.noise_calibration(
+        greedy_reference(certify, check.model, "float32", prompts),
+        greedy_reference(certify, check.model, check.dtype, prompts), prompts, top_k(vocab),
+        factor or CALIBRATION_FACTOR)
+    return resolve(check.dtype, spec_tolerances, ENGINE_LOGIT_METRICS, calibration), calibration.as_dict()

@@ -5,12 +5,10 @@ from pathlib import Path
 from fixtures.prompts import prompt_sets
 from harness.checks import train
 from harness.plugin import conclude
-from harness.tolerances import resolve
 from harness.train_step import STEPS
 from harness.verdict import from_problems
 
 SUITE = "train"
-CALIBRATION_FACTOR = 2.0
 
 
 def _sequences(ref_dir: str) -> list[list[int]]:
@@ -23,20 +21,6 @@ def _reference(certify, model: str, dtype: str, warmup: int = 0) -> dict:
     return certify.call(model, "hf", "train_reference", dir=ref_dir, dtype=dtype, sequences=_sequences(ref_dir),
                         out_dir=str(certify.scratch(model) / f"train-ref-{dtype}-w{warmup}"), steps=STEPS,
                         warmup_zero_steps=warmup)
-
-
-def _tolerance(certify, check, warmup: int = 0):
-    spec = certify.specs[check.model]
-    fp32 = resolve("float32", spec.tolerances, list(train.TRAIN_METRICS))
-    if check.dtype == "float32":
-        return fp32, None
-    # bf16: calibrated bounds, not an emulation — a plain-torch bf16 run's distance from fp32, times 2
-    noise = train.summary(train.measure(_reference(certify, check.model, "float32", warmup),
-                                        _reference(certify, check.model, check.dtype, warmup)))
-    tolerance = {k: max(fp32[k], CALIBRATION_FACTOR * noise[k]) for k in train.TRAIN_METRICS}
-    tolerance.update(spec.tolerances.get(check.dtype, {}))
-    tolerance = {k: tolerance[k] for k in train.TRAIN_METRICS}
-    return tolerance, {"method": "calibrated bounds: 2 x (plain-torch bf16 vs fp32 reference)", "noise": noise}
 
 
 def _run_backend(certify, check) -> dict:
@@ -57,9 +41,9 @@ def _judge(certify, check, result):
     # An optimizer that warms Adam up with zero-gradient steps is emulated in the reference, and said so.
     warmup = int(result.get("optimizer_warmup_steps", 0))
     reference = _reference(certify, check.model, "float32", warmup)
-    tolerance, calibration = _tolerance(certify, check, warmup)
+    noise = (reference, _reference(certify, check.model, check.dtype, warmup)) if check.dtype != "float32" else None
     where = " ".join(p for p in (check.variant, check.layout, check.dtype) if p)
-    verdict = train.judge(train.measure(reference, result), tolerance, where, calibration)
+    verdict = train.evaluate(reference, result, check.dtype, certify.specs[check.model].tolerances, where, noise)
     if warmup:
         verdict.metrics["reference_emulates"] = (
             f"{warmup} zero-gradient optimizer warm-up step(s) the backend takes before training "

@@ -28,9 +28,15 @@ def _reference(prompts: dict, new: int = 4, seed: int = 0) -> dict[str, torch.Te
 PROMPTS = {"a": [[1, 2, 3, 4, 5]], "b": [[7], [3, 9, 2]]}
 
 
+def _compare(record: dict, ref: dict) -> dict:
+    """fp32 judging: coverage first (a complete record here), decisive margins from the fp32 floor."""
+    assert engine_logits.coverage(record, ref, PROMPTS) == []
+    return engine_logits.compare(record, ref, engine_logits.row_margins(PROMPTS, ref, None, 2.0))
+
+
 def test_a_record_of_the_reference_itself_is_exact():
     ref = _reference(PROMPTS)
-    per_set = engine_logits.compare(engine_logits.record_from_reference(ref, PROMPTS, VOCAB), ref)
+    per_set = _compare(engine_logits.record_from_reference(ref, PROMPTS, VOCAB), ref)
     for m in per_set.values():
         assert m["max_abs_logprob"] == pytest.approx(0, abs=1e-6)
         assert m["greedy_sequence_equal"] == m["closeness"] == m["top1_agreement"] == 1.0
@@ -42,7 +48,7 @@ def test_dists_shifted_by_one_position_are_caught():
     record = engine_logits.record_from_reference(ref, PROMPTS, VOCAB)
     seq = record["sets"]["a"][0]
     seq["dists"] = [seq["dists"][0]] + seq["dists"][:-1]
-    m = engine_logits.compare(record, ref)["a"]
+    m = _compare(record, ref)["a"]
     assert m["max_abs_logprob"] > 1 and m["top1_agreement"] < 1
 
 
@@ -56,7 +62,7 @@ def test_closeness_is_mutual_top5_membership_at_the_first_divergence(rank, close
     seq["generated"][2] = other
     dist = seq["gen_dists"][2]
     dist[other], dist[int(row.argmax())] = dist[int(row.argmax())], dist[other]  # the engine preferred `other`
-    m = engine_logits.compare(record, ref)["a"]
+    m = _compare(record, ref)["a"]
     assert m["greedy_sequence_equal"] == 0.0
     assert m["closeness"] == (1.0 if close else 0.0)
     assert m["first_divergence"] == [2]

@@ -112,7 +112,13 @@ class Backend:
     needs_gpu: ClassVar[bool] = False
     gpu_suites: ClassVar[tuple[str, ...]] = ()  # suites that need CUDA although the backend's others do not
     worker_per_dtype: ClassVar[bool] = False  # an engine fixed to one dtype: one worker process per dtype
-    unsupported_dtypes: ClassVar[dict[str, str]] = {}  # dtype -> why the backend cannot run in it
+    # dtype -> why the combination cannot exist by design (not_applicable: no machine would run it)
+    not_applicable_dtypes: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def scope(cls, suite: str) -> str:
+        """'gpu' where the suite needs CUDA by design, else 'cpu' (what a CPU runner can and must run)."""
+        return "gpu" if cls.needs_gpu or suite in cls.gpu_suites else "cpu"
 
     @classmethod
     def unavailable(cls) -> str | None:

@@ -39,8 +39,8 @@ class LmdeployBackend(Backend):
     suites = ("config", "registration", "logits")
     packages = ("lmdeploy",)
     gpu_suites = ("logits",)
-    unsupported_dtypes = {"float32": "lmdeploy's PyTorch engine has no float32 (PytorchEngineConfig.dtype is "
-                                     "auto, float16 or bfloat16)"}
+    not_applicable_dtypes = {"float32": "lmdeploy's PyTorch engine has no float32 (PytorchEngineConfig.dtype is "
+                                        "auto, float16 or bfloat16)"}
 
     def setup(self) -> None:
         self._custom_map_applied = False

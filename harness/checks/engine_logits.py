@@ -1,11 +1,15 @@
 """An engine record (harness/engine_record.py) against HF's greedy reference: peers' metrics, one place.
 
+`coverage` runs first: every prompt set and sequence asked for, the prompt the engine really scored,
+every prompt position, every generated token, and at least top-K entries plus the realized token in
+every distribution; anything missing is named and no metric is computed.
 Per prompt set (pooled where counts):
   max/mean_abs_logprob   |Δlogprob| over every entry the engine returned, at every position whose
                          prefix both sides share (the prompt, then the greedy path up to its first divergence)
-  top1_agreement, topk_overlap, greedy_equal, mean_exp_abs_logprob   as in harness/metrics.py
+  top1_agreement, topk_overlap, greedy_equal, mean_exp_abs_logprob   as in harness/metrics.py (decisive
+                         positions only; near-ties are counted, not judged)
   prob_diff_mean         verl's rollout_probs_diff: mean |p_engine - p_ref| on the realized tokens
-  greedy_sequence_equal  the whole greedy continuation equals HF's
+  greedy_sequence_equal  the whole greedy continuation equals HF's (continuations decisive at every step)
   closeness              vLLM's check_logprobs_close: equal, or at the first divergent step each side's
                          token is in the other's top-5
 """
@@ -16,68 +20,160 @@ from typing import Any
 
 import torch
 
-from .logits import BOUNDS
+from ..metrics import gaps
+from ..tolerances import BOUND_METRICS, DEFAULTS, ENGINE_LOGIT_METRICS
 
 TOP_K = 5
-ENGINE_BOUNDS = {
-    **BOUNDS,
-    "min_greedy_sequence_equal": ("greedy_sequence_equal", False),
-    "min_closeness": ("closeness", False),
-    "max_prob_diff_mean": ("prob_diff_mean", True),
-}
+ENGINE_BOUNDS = {key: BOUND_METRICS[key] for key in ENGINE_LOGIT_METRICS}
 
 
 def _top(dist: dict[int, float], k: int) -> list[int]:
     return [t for t, _ in sorted(dist.items(), key=lambda item: -item[1])[:k]]
 
 
-def _compare_sequence(seq: dict[str, Any], ref: torch.Tensor, ref_generated: list[int], acc: dict[str, list]) -> None:
+def _dist_problems(where: str, dist: dict[int, float], need: int, realized: int | None) -> list[str]:
+    problems = []
+    if len(dist) < need:
+        problems.append(f"{where}: {len(dist)} log-prob entries, the record promises top-{need}")
+    if realized is not None and realized not in dist:
+        problems.append(f"{where}: the realized token {realized} has no log-prob")
+    if any(not math.isfinite(v) for v in dist.values()):
+        problems.append(f"{where}: non-finite log-probs")
+    return problems
+
+
+def coverage(record: dict[str, Any], reference: dict[str, torch.Tensor],
+             prompts: dict[str, list[list[int]]]) -> list[str]:
+    """What the engine's record lacks against the prompts asked for and HF's greedy reference."""
+    problems = []
+    sets = record.get("sets") or {}
+    top_k = int(record.get("top_k") or 0)
+    if top_k < 1:
+        problems.append(f"the record's top_k is {record.get('top_k')!r}")
+    for name, asked in prompts.items():
+        if name not in sets:
+            problems.append(f"prompt set {name!r}: missing from the engine's record")
+            continue
+        got = sets[name]
+        if len(got) != len(asked):
+            problems.append(f"prompt set {name!r}: {len(got)} sequences returned for {len(asked)} sent")
+        for i, (seq, prompt) in enumerate(zip(got, asked)):
+            here = f"prompt set {name!r} sequence {i}"
+            vocab = reference[f"{name}/{i}"].shape[-1]
+            expected = reference[f"{name}/{i}/generated"].tolist()
+            need = min(top_k, vocab)
+            if list(seq["prompt"]) != list(prompt):
+                problems.append(f"{here}: the engine scored a different prompt than the one sent")
+                continue
+            if len(seq["dists"]) != len(prompt):
+                problems.append(f"{here}: {len(seq['dists'])} prompt positions scored of {len(prompt)}")
+            if len(seq["generated"]) != len(expected):
+                problems.append(f"{here}: {len(seq['generated'])} generated tokens of {len(expected)} asked for")
+            if len(seq["gen_dists"]) != len(seq["generated"]):
+                problems.append(f"{here}: {len(seq['gen_dists'])} distributions for "
+                                f"{len(seq['generated'])} generated tokens")
+            full = list(prompt) + list(seq["generated"])
+            for t, dist in enumerate(seq["dists"][: len(prompt)]):
+                realized = full[t + 1] if t + 1 < len(full) else None
+                problems += _dist_problems(f"{here} position {t}", dist, need, realized)
+            for j, dist in enumerate(seq["gen_dists"][: len(seq["generated"])]):
+                problems += _dist_problems(f"{here} generated step {j}", dist, need, seq["generated"][j])
+    for name in sorted(set(sets) - set(prompts)):
+        problems.append(f"prompt set {name!r}: in the engine's record but never sent")
+    return problems
+
+
+def row_margins(prompts: dict[str, list[list[int]]], truth: dict[str, torch.Tensor],
+                noisy: dict[str, torch.Tensor] | None, factor: float) -> dict[str, torch.Tensor]:
+    """Per sequence and reference row, the margin a position needs to be decisive (see logits.MARGIN_RULE).
+
+    HF-bf16's rows are comparable with HF-fp32's over the prompt and the greedy path up to where the two
+    greedy paths part; later rows take the sequence's largest comparable noise."""
+    floor = DEFAULTS["max_abs_logprob"][0]
+    out = {}
+    for name, seqs in prompts.items():
+        for i, prompt in enumerate(seqs):
+            key = f"{name}/{i}"
+            rows = truth[key].shape[0]
+            if noisy is None:
+                out[key] = torch.full((rows,), 2 * floor, dtype=torch.float64)
+                continue
+            a, b = truth[f"{key}/generated"].tolist(), noisy[f"{key}/generated"].tolist()
+            same = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            comparable = min(rows, len(prompt) + same)
+            noise = (truth[key][:comparable].double() - noisy[key][:comparable].double()).abs().amax(-1)
+            full = torch.full((rows,), float(noise.max()), dtype=torch.float64)
+            full[:comparable] = noise
+            out[key] = 2 * torch.clamp(factor * full, min=floor)
+    return out
+
+
+def _compare_sequence(seq: dict[str, Any], ref: torch.Tensor, ref_generated: list[int], need: torch.Tensor,
+                      acc: dict[str, list]) -> None:
     prompt, generated = seq["prompt"], seq["generated"]
     same = 0
     while same < min(len(generated), len(ref_generated)) and generated[same] == ref_generated[same]:
         same += 1
+    gap1, gapk = gaps(ref)
+    decisive = gap1 > need
     # positions with a shared prefix: the prompt's, then the continuation through the first divergent step
     steps = [(t, seq["dists"][t], (prompt + generated)[t + 1] if t + 1 < len(prompt) + len(generated) else None)
              for t in range(len(prompt))]
     steps += [(len(prompt) - 1 + j, seq["gen_dists"][j], generated[j]) for j in range(1, min(same + 1, len(generated)))]
     for row, dist, realized in steps:
         ref_row = ref[row].double()
-        diffs = [abs(lp - float(ref_row[t])) for t, lp in dist.items()]
-        acc["abs"].extend(diffs)
-        acc["top1"].append(_top(dist, 1)[0] == int(ref_row.argmax()))
-        k = min(TOP_K, len(dist))
-        acc["overlap"].append(len(set(_top(dist, k)) & set(ref_row.topk(k).indices.tolist())) / k)
-        if realized is not None and realized in dist:
-            delta = dist[realized] - float(ref_row[realized])
-            acc["realized"].append(abs(delta))
+        acc["abs"].extend(abs(lp - float(ref_row[t])) for t, lp in dist.items())
+        if decisive[row]:
+            acc["top1"].append(_top(dist, 1)[0] == int(ref_row.argmax()))
+        else:
+            acc["near_tie"].append(_top(dist, 1)[0] == int(ref_row.argmax()))
+        if gapk[row] > need[row]:
+            k = min(TOP_K, len(dist))
+            acc["overlap"].append(len(set(_top(dist, k)) & set(ref_row.topk(k).indices.tolist())) / k)
+        if realized is not None:
+            acc["realized"].append(abs(dist[realized] - float(ref_row[realized])))
             acc["prob"].append(abs(math.exp(dist[realized]) - math.exp(float(ref_row[realized]))))
-    acc["greedy"].append(bool(generated) and generated[0] == int(ref[len(prompt) - 1].argmax()))
-    acc["sequence"].append(generated == ref_generated)
+    first = len(prompt) - 1
+    if decisive[first]:
+        acc["greedy"].append(generated[0] == int(ref[first].argmax()))
+    if bool(decisive[first:first + len(ref_generated)].all()):
+        acc["sequence"].append(generated == ref_generated)
     if generated == ref_generated:
         acc["close"].append(True)
     else:  # both sides saw the same prefix up to step `same`
         engine_top = _top(seq["gen_dists"][same], TOP_K)
-        ref_top = ref[len(prompt) - 1 + same].topk(TOP_K).indices.tolist()
+        ref_top = ref[first + same].topk(TOP_K).indices.tolist()
         acc["close"].append(ref_generated[same] in engine_top and generated[same] in ref_top)
         acc["divergence"].append(same)
 
 
-def compare(record: dict[str, Any], reference: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+def _rate(flags: list) -> float | None:
+    return float(sum(flags) / len(flags)) if flags else None
+
+
+def compare(record: dict[str, Any], reference: dict[str, torch.Tensor],
+            margins: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """Metrics per prompt set of a record that passed `coverage`."""
     per_set = {}
     for name, seqs in record["sets"].items():
-        acc: dict[str, list] = {k: [] for k in ("abs", "top1", "overlap", "realized", "prob", "greedy", "sequence",
-                                                 "close", "divergence")}
+        acc: dict[str, list] = {k: [] for k in ("abs", "top1", "near_tie", "overlap", "realized", "prob", "greedy",
+                                                 "sequence", "close", "divergence")}
         for i, seq in enumerate(seqs):
-            _compare_sequence(seq, reference[f"{name}/{i}"], reference[f"{name}/{i}/generated"].tolist(), acc)
-        mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0  # noqa: E731
+            _compare_sequence(seq, reference[f"{name}/{i}"], reference[f"{name}/{i}/generated"].tolist(),
+                              margins[f"{name}/{i}"], acc)
+        if not acc["abs"] or not acc["realized"]:
+            raise ValueError(f"prompt set {name!r}: nothing to compare (no positions or realized tokens)")
         per_set[name] = {
-            "positions": len(acc["top1"]), "sequences": len(seqs),
-            "max_abs_logprob": max(acc["abs"], default=0.0), "mean_abs_logprob": mean(acc["abs"]),
-            "top1_agreement": mean(acc["top1"]), "topk_overlap": mean(acc["overlap"]),
-            "greedy_equal": mean(acc["greedy"]),
-            "mean_exp_abs_logprob": mean([math.exp(x) for x in acc["realized"]]) or 1.0,
-            "prob_diff_mean": mean(acc["prob"]),
-            "greedy_sequence_equal": mean(acc["sequence"]), "closeness": mean(acc["close"]),
+            "positions": len(acc["top1"]) + len(acc["near_tie"]), "sequences": len(seqs),
+            "decisive_positions": len(acc["top1"]), "decisive_topk_positions": len(acc["overlap"]),
+            "decisive_sequences": len(acc["greedy"]), "decisive_continuations": len(acc["sequence"]),
+            "near_tie_positions": len(acc["near_tie"]), "near_tie_top1_agreement": _rate(acc["near_tie"]),
+            "max_abs_logprob": max(acc["abs"]), "mean_abs_logprob": sum(acc["abs"]) / len(acc["abs"]),
+            "top1_agreement": _rate(acc["top1"]), "topk_overlap": _rate(acc["overlap"]),
+            "greedy_equal": _rate(acc["greedy"]),
+            "mean_exp_abs_logprob": sum(math.exp(x) for x in acc["realized"]) / len(acc["realized"]),
+            "prob_diff_mean": sum(acc["prob"]) / len(acc["prob"]),
+            "greedy_sequence_equal": _rate(acc["sequence"]), "closeness": _rate(acc["close"]),
             "first_divergence": acc["divergence"],
         }
     return per_set
@@ -98,3 +194,34 @@ def record_from_reference(reference: dict[str, torch.Tensor], prompts: dict[str,
             gen_dists = [top_entries(rows[len(prompt) - 1 + j], top_k, generated[j]) for j in range(len(generated))]
             sets[name].append(sequence(prompt, dists, generated, gen_dists))
     return {"top_k": top_k, "sets": sets}
+
+
+def noise_calibration(truth: dict[str, torch.Tensor], noisy: dict[str, torch.Tensor],
+                      prompts: dict[str, list[list[int]]], top_k: int, factor: float):
+    """HF's own greedy run in bf16 judged against HF fp32 the way an engine's record is (HF-bf16's path is its own)."""
+    from ..tolerances import Calibration
+    from .logits import worst
+
+    margins = row_margins(prompts, truth, noisy, factor)
+    noise = worst(compare(record_from_reference(noisy, prompts, top_k), truth, margins), ENGINE_BOUNDS)
+    return Calibration(f"{factor:g} x HF-bf16 vs HF-fp32 noise in the same metrics", noise, factor)
+
+
+def evaluate(truth: dict[str, torch.Tensor], noisy: dict[str, torch.Tensor] | None, record: dict[str, Any],
+             prompts: dict[str, list[list[int]]], dtype: str, spec_tolerances: dict, where: str,
+             problems: list[str] | None = None, factor: float | None = None):
+    """An engine record against HF fp32's greedy reference; `noisy` (HF's own greedy run in `dtype`) calibrates bf16."""
+    from ..tolerances import CALIBRATION_FACTOR, resolve
+    from .logits import judge
+
+    factor = factor or CALIBRATION_FACTOR
+    calibration = None
+    if noisy is not None:
+        calibration = noise_calibration(truth, noisy, prompts, int(record.get("top_k") or 1), factor)
+    tolerance = resolve(dtype, spec_tolerances, ENGINE_LOGIT_METRICS, calibration)
+    problems = list(problems or [])
+    missing = coverage(record, truth, prompts)
+    if missing or problems:
+        return judge({}, tolerance, where, problems + [f"{where} {p}" for p in missing], bounds=ENGINE_BOUNDS)
+    return judge(compare(record, truth, row_margins(prompts, truth, noisy, factor)), tolerance, where,
+                 bounds=ENGINE_BOUNDS)

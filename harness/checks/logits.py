@@ -1,64 +1,134 @@
-"""Logit parity: a backend's log-probs vs the HF reference, judged per prompt set and metric."""
+"""Logit parity: a backend's log-probs vs the HF reference, judged per prompt set and metric.
+
+`evaluate` is the whole judge for a trainer backend's full-vocabulary log-probs: coverage first,
+then the bf16 calibration (HF's own bf16 rounding on the same prompts), the decisive positions,
+the metrics and the verdict. Suites hand it file paths and nothing else.
+"""
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from .. import metrics as M
+from ..tolerances import (BOUND_METRICS, CALIBRATION_FACTOR, DEFAULTS, LOGIT_METRICS, Calibration, Tolerance,
+                          resolve)
 from ..verdict import Verdict, from_problems
 
 # tolerance key -> (metric key, True when the metric is an upper bound)
-BOUNDS = {
-    "max_abs_logprob": ("max_abs_logprob", True),
-    "mean_abs_logprob": ("mean_abs_logprob", True),
-    "min_top1_agreement": ("top1_agreement", False),
-    "min_topk_overlap": ("topk_overlap", False),
-    "min_greedy_equal": ("greedy_equal", False),
-    "max_mean_exp_abs_logprob": ("mean_exp_abs_logprob", True),
-}
+BOUNDS = {key: BOUND_METRICS[key] for key in LOGIT_METRICS}
+
+# Agreement rates are counts: a set of 8 positions moves in steps of 0.125, so they are pooled over
+# every judged position (greedy: every judged sequence) of every set, weighted by how many were judged.
+POOLED = {"top1_agreement": "decisive_positions", "topk_overlap": "decisive_topk_positions",
+          "greedy_equal": "decisive_sequences", "greedy_sequence_equal": "decisive_continuations",
+          "closeness": "sequences"}
+MARGIN_RULE = ("decisive where the fp32 reference's top-1/top-2 margin (top-5/top-6 for the overlap) exceeds "
+               "2 x max(fp32 max_abs_logprob default, factor x HF-bf16's own max |Δlogprob| at that position)")
 
 
-# Agreement rates are counts: a set of 8 positions moves in steps of 0.125, so they are pooled
-# over every position (greedy: every sequence) of every set before being judged.
-POOLED = {"top1_agreement": "positions", "topk_overlap": "positions", "greedy_equal": "sequences",
-          "greedy_sequence_equal": "sequences", "closeness": "sequences"}
-
-
-def pooled(per_set: dict[str, dict[str, Any]], metric: str) -> float:
+def pooled(per_set: dict[str, dict[str, Any]], metric: str) -> float | None:
+    """The rate over every judged item of every set; None when nothing was judged (never a default)."""
     weight = POOLED[metric]
     total = sum(m[weight] for m in per_set.values())
-    return sum(m[metric] * m[weight] for m in per_set.values()) / total if total else 1.0
+    if not total:
+        return None
+    return sum(m[metric] * m[weight] for m in per_set.values() if m[weight]) / total
 
 
-def worst(per_set: dict[str, dict[str, Any]], bounds: dict[str, tuple[str, bool]] = BOUNDS) -> dict[str, float]:
+def worst(per_set: dict[str, dict[str, Any]], bounds: dict[str, tuple[str, bool]] = BOUNDS) -> dict[str, Any]:
     """Continuous metrics: the worst prompt set; agreement rates: pooled over all sets."""
+    if not per_set:
+        raise ValueError("no prompt set was measured: there is no worst value")
     out = {}
-    for _tol_key, (metric, upper) in bounds.items():
+    for _key, (metric, upper) in bounds.items():
         if metric in POOLED:
             out[metric] = pooled(per_set, metric)
-        else:
-            values = [m[metric] for m in per_set.values()]
-            out[metric] = max(values) if upper else min(values)
+        else:  # a set where a metric has nothing to measure (None) does not count towards its worst value
+            values = [m[metric] for m in per_set.values() if m[metric] is not None]
+            out[metric] = (max(values) if upper else min(values)) if values else None
     return out
 
 
-def judge(per_set: dict[str, dict[str, Any]], tolerance: dict[str, float], where: str,
+def min_margins(prompts: dict[str, list[list[int]]], truth: dict[str, torch.Tensor],
+                noisy: dict[str, torch.Tensor] | None, factor: float = CALIBRATION_FACTOR) -> dict[str, Any]:
+    """Per prompt set, the margin a position needs to be decisive (see MARGIN_RULE); fp32: no noise."""
+    floor = DEFAULTS["max_abs_logprob"][0]
+    if noisy is None:
+        return {name: 2 * floor for name in prompts}
+    return {name: 2 * torch.clamp(factor * M.position_noise(truth[name], noisy[name]), min=floor)
+            for name in prompts}
+
+
+def compare(truth: dict[str, torch.Tensor], test: dict[str, torch.Tensor], prompts: dict[str, list[list[int]]],
+            margins: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: M.compare_set(truth[name], test[name], seqs, margins[name]) for name, seqs in prompts.items()}
+
+
+def noise_calibration(truth, noisy, prompts, margins, method: str,
+                      factor: float = CALIBRATION_FACTOR, bounds=BOUNDS) -> Calibration:
+    """HF run in bf16 against HF fp32 on the same inputs, in the judge's own metrics."""
+    problems = M.coverage(truth, noisy, prompts)
+    if problems:
+        raise RuntimeError(f"HF's bf16 run is incomplete, so no bound can be calibrated: {problems[0]}")
+    return Calibration(method, worst(compare(truth, noisy, prompts, margins), bounds), factor)
+
+
+def evaluate(truth_path: str, test_path: str | None, prompts: dict[str, list[list[int]]], dtype: str,
+             spec_tolerances: dict, where: str, problems: list[str] | None = None,
+             noise_path: str | None = None) -> Verdict:
+    """A trainer backend's log-prob file against HF fp32 (`noise_path`: HF's own run in `dtype`, for bf16)."""
+    truth = M.load(truth_path)
+    noisy = M.load(noise_path) if dtype != "float32" else None
+    margins = min_margins(prompts, truth, noisy)
+    calibration = None
+    if noisy is not None:
+        calibration = noise_calibration(truth, noisy, prompts, margins, "2 x HF-bf16 vs HF-fp32 noise, same prompts")
+    tolerance = resolve(dtype, spec_tolerances, LOGIT_METRICS, calibration)
+    problems = list(problems or [])
+    if test_path is None or problems:
+        return judge({}, tolerance, where, problems or ["the backend produced no log-probs"])
+    test = M.load(test_path)
+    missing = M.coverage(truth, test, prompts)
+    if missing:
+        return judge({}, tolerance, where, [f"{where} {p}" for p in missing])
+    return judge(compare(truth, test, prompts, margins), tolerance, where)
+
+
+def judge(per_set: dict[str, dict[str, Any]], tolerance: Tolerance | dict[str, float], where: str,
           load_problems: list[str] | None = None, calibration: dict[str, Any] | None = None,
           bounds: dict[str, tuple[str, bool]] = BOUNDS) -> Verdict:
     problems = list(load_problems or [])
-    for tol_key, (metric, upper) in bounds.items():
-        if metric in POOLED and per_set:
-            value, bound = pooled(per_set, metric), tolerance[tol_key]
-            if value < bound:
-                problems.append(f"{where} all prompt sets: {metric} = {value:.4g} < {bound:.4g}")
+    if not per_set and not problems:
+        problems.append(f"{where}: no prompt set was measured")
+    unjudged = []
+    for tol_key, (metric, _upper) in bounds.items():
+        if metric not in POOLED or not per_set:
+            continue
+        value, bound = pooled(per_set, metric), tolerance[tol_key]
+        if value is None:
+            unjudged.append(f"{metric}: no decisive {POOLED[metric].removeprefix('decisive_')} (all near-ties)")
+        elif value < bound:
+            problems.append(f"{where} all prompt sets: {metric} = {value:.4g} < {bound:.4g} "
+                            f"over {sum(m[POOLED[metric]] for m in per_set.values())} judged")
     for set_name, m in per_set.items():
         for tol_key, (metric, upper) in bounds.items():
-            if metric in POOLED:
+            if metric in POOLED or m[metric] is None:
                 continue
             bound = tolerance[tol_key]
-            bad = m[metric] > bound if upper else m[metric] < bound
-            if bad:
+            if not (m[metric] <= bound if upper else m[metric] >= bound):  # NaN is never within a bound
                 problems.append(f"{where} prompt set {set_name!r}: {metric} = {m[metric]:.4g} "
                                 f"{'>' if upper else '<'} {bound:.4g}")
-    metrics: dict[str, Any] = {**(worst(per_set, bounds) if per_set else {}), "per_set": per_set}  # empty: nothing loaded
+    summary = worst(per_set, bounds) if per_set else {}
+    for tol_key, (metric, _upper) in bounds.items():
+        if metric not in POOLED and summary and summary[metric] is None:
+            problems.append(f"{where}: {metric} has nothing to measure in any prompt set")
+    metrics: dict[str, Any] = {**summary, "per_set": per_set}
+    if per_set:
+        metrics["near_tie_positions"] = sum(m.get("near_tie_positions", 0) for m in per_set.values())
+        metrics["decisive_rule"] = MARGIN_RULE
+    if unjudged:
+        metrics["unjudged"] = unjudged
     if calibration:
         metrics["calibration"] = calibration
     return from_problems(problems, metrics, tolerance, what="logit parity violations")

@@ -15,12 +15,9 @@ from typing import Any
 
 import torch
 
-ROLLOUT_BOUNDS = {
-    "max_abs_logprob": ("max_abs_logprob", True),
-    "mean_abs_logprob": ("mean_abs_logprob", True),
-    "max_mean_exp_abs_logprob": ("mean_exp_abs_logprob", True),
-    "max_prob_diff_mean": ("prob_diff_mean", True),
-}
+from ..tolerances import BOTH_SIDES_FACTOR, BOUND_METRICS, ROLLOUT_METRICS, Calibration, resolve
+
+ROLLOUT_BOUNDS = {key: BOUND_METRICS[key] for key in ROLLOUT_METRICS}
 
 
 def trainer_token_logprobs(full: torch.Tensor, samples: list[dict], temperature: float,
@@ -28,20 +25,61 @@ def trainer_token_logprobs(full: torch.Tensor, samples: list[dict], temperature:
     """`full`: the trainer's log-softmax [batch, seq, vocab] of prompt+generated, right padded."""
     out = []
     for i, sample in enumerate(samples):
-        start, tokens = len(sample["prompt"]) - 1, sample["generated"]
-        rows = full[i, start:start + len(tokens)].double()
+        if i >= full.shape[0]:  # the trainer scored fewer sequences: `coverage` names the gap
+            out.append([])
+            continue
+        start = len(sample["prompt"]) - 1
+        rows = full[i, start:start + len(sample["generated"])].double()
+        tokens = sample["generated"][: rows.shape[0]]
         if scales:  # log_softmax is shift-invariant, so scaling log-probs equals scaling the logits
             rows = torch.log_softmax(rows / temperature, dim=-1)
-        out.append(rows.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1).tolist())
+        out.append(rows.gather(-1, torch.tensor(tokens, dtype=torch.long)[:, None]).squeeze(-1).tolist())
     return out
 
 
+def coverage(cells: list[dict], samples: list[dict], engine: list[list[float]],
+             trainer: list[list[float]] | None = None) -> list[str]:
+    """What the engine (or the trainer) returned short of the grid asked for: samples per cell, tokens per sample."""
+    problems = []
+    asked = {cell["cell"]: cell for cell in cells}
+    got: dict[str, int] = {}
+    if len(engine) != len(samples):
+        problems.append(f"{len(engine)} engine log-prob lists for {len(samples)} samples")
+    if trainer is not None and len(trainer) != len(samples):
+        problems.append(f"{len(trainer)} trainer scores for {len(samples)} samples")
+    for i, sample in enumerate(samples):
+        cell = asked.get(sample["cell"])
+        if cell is None:
+            problems.append(f"sample {i}: from cell {sample['cell']!r}, which was never asked for")
+            continue
+        got[sample["cell"]] = got.get(sample["cell"], 0) + 1
+        where = f"cell {sample['cell']} sample {got[sample['cell']] - 1}"
+        if list(sample["prompt"]) != list(cell["prompt"]):
+            problems.append(f"{where}: continues a different prompt than the one sent")
+        if len(sample["generated"]) != cell["max_new_tokens"]:
+            problems.append(f"{where}: {len(sample['generated'])} generated tokens of {cell['max_new_tokens']}")
+        for side, lists in (("engine", engine), ("trainer", trainer)):
+            if lists is None or i >= len(lists):
+                continue
+            if len(lists[i]) != len(sample["generated"]):
+                problems.append(f"{where}: {len(lists[i])} {side} log-probs for {len(sample['generated'])} tokens")
+            elif any(not math.isfinite(x) for x in lists[i]):
+                problems.append(f"{where}: non-finite {side} log-probs")
+    for name, cell in asked.items():
+        if got.get(name, 0) != cell["n"]:
+            problems.append(f"cell {name}: {got.get(name, 0)} samples returned of {cell['n']} asked for")
+    return problems
+
+
 def compare(samples: list[dict], engine: list[list[float]], trainer: list[list[float]]) -> dict[str, dict[str, Any]]:
+    """Metrics per grid cell of samples that passed `coverage`."""
     cells: dict[str, list[tuple[float, float]]] = {}
-    for sample, e, t in zip(samples, engine, trainer):
-        cells.setdefault(sample["cell"], []).extend(zip(e, t))
+    for sample, e, t in zip(samples, engine, trainer, strict=True):
+        cells.setdefault(sample["cell"], []).extend(zip(e, t, strict=True))
     per_cell = {}
     for cell, pairs in cells.items():
+        if not pairs:
+            raise ValueError(f"cell {cell}: no tokens to compare")
         deltas = [abs(a - b) for a, b in pairs]
         per_cell[cell] = {
             "tokens": len(pairs),
@@ -51,3 +89,25 @@ def compare(samples: list[dict], engine: list[list[float]], trainer: list[list[f
             "prob_diff_mean": sum(abs(math.exp(a) - math.exp(b)) for a, b in pairs) / len(pairs),
         }
     return per_cell
+
+
+def evaluate(cells: list[dict], samples: list[dict], engine: list[list[float]], trainer: list[list[float]],
+             dtype: str, spec_tolerances: dict, where: str, problems: list[str] | None = None,
+             hf_truth: list[list[float]] | None = None, hf_noisy: list[list[float]] | None = None):
+    """Engine vs trainer on the sampled tokens; bf16 bounds from HF-bf16 vs HF-fp32 on these very tokens."""
+    from .logits import judge, worst
+
+    calibration = None
+    if dtype != "float32":
+        if hf_truth is None or hf_noisy is None:
+            raise ValueError("a bf16 rollout check needs HF's fp32 and bf16 scores of the same tokens")
+        noise = worst(compare(samples, hf_truth, hf_noisy), ROLLOUT_BOUNDS)
+        calibration = Calibration(f"{BOTH_SIDES_FACTOR:g} x HF-bf16 vs HF-fp32 on the sampled tokens "
+                                  "(both sides bf16)", noise, BOTH_SIDES_FACTOR)
+    tolerance = resolve(dtype, spec_tolerances, ROLLOUT_METRICS, calibration)
+    missing = coverage(cells, samples, engine, trainer)
+    problems = list(problems or []) + [f"{where}: {p}" for p in missing]
+    per_cell = {} if missing else compare(samples, engine, trainer)
+    verdict = judge(per_cell, tolerance, where, problems, bounds=ROLLOUT_BOUNDS)
+    verdict.metrics["samples"] = len(samples)
+    return verdict

@@ -5,9 +5,8 @@ from typing import Any
 
 import torch
 
+from ..tolerances import CALIBRATION_FACTOR, TRAIN_METRICS, Calibration, resolve
 from ..verdict import Verdict, from_problems
-
-TRAIN_METRICS = ("max_loss_diff", "max_grad_diff", "max_weight_diff")
 
 
 def _tensor_table(ref: dict[str, torch.Tensor], test: dict[str, torch.Tensor]) -> tuple[dict[str, float], list[str]]:
@@ -55,36 +54,56 @@ def _weight_table(ref_w, test_w, ref_grads):
 def measure(ref: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    ref_grads = load_file(ref["grads"])
+    ref_grads, ref_weights = load_file(ref["grads"]), load_file(ref["weights"])
+    structural = []
+    if not ref_grads or not ref_weights or not ref["losses"]:
+        structural.append("the reference step produced no gradients, weights or losses: nothing to compare")
     grad_diffs, grad_problems = _tensor_table(ref_grads, load_file(test["grads"]))
-    weight_diffs, noisy_diffs, weight_problems, masked = _weight_table(
-        load_file(ref["weights"]), load_file(test["weights"]), ref_grads)
-    loss_diffs = [abs(a - b) for a, b in zip(ref["losses"], test["losses"])]
+    weight_diffs, noisy_diffs, weight_problems, masked = _weight_table(ref_weights, load_file(test["weights"]),
+                                                                       ref_grads)
+    losses = list(test["losses"])
+    structural += [f"step {i}: the backend's loss is missing" for i in range(len(losses), len(ref["losses"]))]
+    structural += [f"step {i}: the backend reports a loss for a step the reference never took"
+                   for i in range(len(ref["losses"]), len(losses))]
+    loss_diffs = [abs(a - b) for a, b in zip(ref["losses"], losses)]
     return {
-        "loss_curve": {"reference": ref["losses"], "backend": test["losses"]},
+        "loss_curve": {"reference": ref["losses"], "backend": losses},
         "loss_diffs": loss_diffs,
         "grad_diffs": grad_diffs,
         "weight_diffs": weight_diffs,
         "noise_gradient_weight_diffs": noisy_diffs,
         "noise_gradient_elements": masked,
-        "structural": [f"grad {p}" for p in grad_problems] + [f"weight {p}" for p in weight_problems],
+        "structural": structural + [f"grad {p}" for p in grad_problems] + [f"weight {p}" for p in weight_problems],
         "steps_compared": len(loss_diffs),
         "steps_expected": len(ref["losses"]),
     }
 
 
 def summary(m: dict[str, Any]) -> dict[str, float]:
+    """Worst loss, gradient and weight difference (only called on a measurement with all three)."""
+    if not (m["loss_diffs"] and m["grad_diffs"] and m["weight_diffs"]):
+        raise ValueError("no loss, gradient or weight was compared: there is no worst difference")
     return {
-        "max_loss_diff": max(m["loss_diffs"], default=float("inf")),
-        "max_grad_diff": max(m["grad_diffs"].values(), default=0.0),
-        "max_weight_diff": max(m["weight_diffs"].values(), default=0.0),
+        "max_loss_diff": max(m["loss_diffs"]),
+        "max_grad_diff": max(m["grad_diffs"].values()),
+        "max_weight_diff": max(m["weight_diffs"].values()),
     }
+
+
+def evaluate(reference: dict[str, Any], result: dict[str, Any], dtype: str, spec_tolerances: dict, where: str,
+             noise: tuple[dict[str, Any], dict[str, Any]] | None = None) -> Verdict:
+    """A backend's train step against the torch reference; bf16: `noise` = (fp32, bf16) reference runs."""
+    calibration = None
+    if dtype != "float32":
+        if noise is None:
+            raise ValueError("a bf16 train check needs the fp32 and bf16 reference runs to calibrate on")
+        calibration = Calibration(f"{CALIBRATION_FACTOR:g} x (plain-torch bf16 vs fp32 reference)",
+                                  summary(measure(*noise)))
+    return judge(measure(reference, result), resolve(dtype, spec_tolerances, TRAIN_METRICS, calibration), where)
 
 
 def judge(m: dict[str, Any], tolerance: dict[str, float], where: str, calibration: dict | None = None) -> Verdict:
     problems = [f"{where} {p}" for p in m["structural"]]
-    if m["steps_compared"] != m["steps_expected"]:
-        problems.append(f"{where}: {m['steps_compared']} loss values for {m['steps_expected']} steps")
     for step, diff in enumerate(m["loss_diffs"]):
         if not diff <= tolerance["max_loss_diff"]:
             problems.append(f"{where} step {step}: loss differs by {diff:.3g} > {tolerance['max_loss_diff']:.3g} "
@@ -101,8 +120,9 @@ def judge(m: dict[str, Any], tolerance: dict[str, float], where: str, calibratio
         bad = sorted(((d, n) for n, d in m[kind].items() if not d <= tolerance[key]), reverse=True)
         label = "first-step gradient" if kind == "grad_diffs" else "weight after the first update"
         problems += [f"{where} {label} of {n} differs by {d:.3g} > {tolerance[key]:.3g}" for d, n in bad]
-    metrics = {**summary(m), "noise_gradient_elements": m["noise_gradient_elements"],
-               "max_noise_gradient_weight_diff": max(m["noise_gradient_weight_diffs"].values(), default=0.0),
+    complete = m["loss_diffs"] and m["grad_diffs"] and m["weight_diffs"]
+    metrics = {**(summary(m) if complete else {}), "noise_gradient_elements": m["noise_gradient_elements"],
+               "max_noise_gradient_weight_diff": max(m["noise_gradient_weight_diffs"].values(), default=None),
                "loss_curve": m["loss_curve"],
                "worst_grad": max(m["grad_diffs"], key=m["grad_diffs"].get, default=""),
                "worst_weight": max(m["weight_diffs"], key=m["weight_diffs"].get, default="")}

@@ -15,11 +15,13 @@ from typing import Any
 
 import jinja2
 
+from ..tolerances import as_records, values as bound_values
 from . import svg
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-STATUS_ORDER = ["passed", "failed", "error", "not_run"]
-STATUS_LABEL = {"passed": "passed", "failed": "failed", "error": "error", "not_run": "not run"}
+STATUS_ORDER = ["passed", "failed", "error", "not_run", "not_applicable"]
+STATUS_LABEL = {"passed": "passed", "failed": "failed", "error": "error", "not_run": "not run",
+                "not_applicable": "not applicable"}
 VERDICT_TEXT = {
     "certified": "every planned check passed",
     "failed": "at least one check failed or errored",
@@ -140,15 +142,27 @@ def _within(value: Any, bound: Any, upper: bool) -> bool | None:
     return value <= bound if upper else value >= bound
 
 
+def _source_text(record: dict[str, Any]) -> str:
+    """Where a bound came from, for people: default / calibrated (on what) / spec (loosened?)."""
+    text = str(record.get("source", ""))
+    if record.get("calibration"):
+        cal = record["calibration"]
+        text += f": {cal.get('method', '')}, noise {fmt(cal.get('noise'))}"
+    if record.get("loosened_by_spec"):
+        text += f" — loosened by the spec (the harness would use {fmt(record.get('harness_value'))})"
+    return text
+
+
 def metric_rows(check: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(scalar rows: metric, value, bound, ok) and (nested rows: name, one-line summary, optional table)."""
     metrics = check.get("metrics") or {}
-    tolerance = check.get("tolerance") or {}
+    records = as_records(check.get("tolerance") or {})
+    tolerance = bound_values(records)
     bounds: dict[str, tuple[str, Any, bool]] = {}
     orphans = []
     for tol_key, bound in tolerance.items():
-        metric = _pair(tol_key, metrics)
-        upper = not tol_key.startswith("min_")
+        metric = records[tol_key]["metric"] if records[tol_key]["metric"] in metrics else _pair(tol_key, metrics)
+        upper = records[tol_key]["upper"]
         if metric is None or metric in bounds or not _is_scalar(metrics.get(metric)):
             orphans.append((tol_key, bound, upper))
         else:
@@ -157,11 +171,11 @@ def metric_rows(check: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[
     for name, value in metrics.items():
         if _is_scalar(value):
             row = {"name": name, "value": fmt(value), "full": str(value), "bound": "", "tol_key": "", "ok": None,
-                   "orphan": False}
+                   "orphan": False, "source": ""}
             if name in bounds:
                 tol_key, bound, upper = bounds[name]
                 row.update(bound=f"{'≤' if upper else '≥'} {fmt(bound)}", tol_key=tol_key,
-                           ok=_within(value, bound, upper))
+                           ok=_within(value, bound, upper), source=_source_text(records[tol_key]))
             if len(row["value"]) > TRUNCATE:
                 row["value"] = row["value"][: TRUNCATE - 1] + "…"
             rows.append(row)
@@ -169,7 +183,8 @@ def metric_rows(check: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[
             nested.append({"name": name, "summary": summarize(value), "table": _table(value)})
     for tol_key, bound, upper in orphans:
         rows.append({"name": tol_key, "value": "", "full": "", "bound": f"{'≤' if upper else '≥'} {fmt(bound)}",
-                     "tol_key": tol_key, "ok": None, "orphan": True})
+                     "tol_key": tol_key, "ok": None, "orphan": True,
+                     "source": _source_text(records[tol_key])})
     return rows, nested
 
 
@@ -198,7 +213,7 @@ def _log_scale(values: list[float]) -> bool:
 
 def plots_for(check: dict[str, Any]) -> list[dict[str, str]]:
     metrics = check.get("metrics") or {}
-    tolerance = check.get("tolerance") or {}
+    tolerance = bound_values(check.get("tolerance") or {})
     plots = []
     per_set = metrics.get("per_set")
     if isinstance(per_set, dict):
@@ -298,10 +313,12 @@ def _aggregate(statuses: list[str]) -> str:
         return "error"
     if "failed" in s:
         return "failed"
-    if s == {"passed"}:
+    if s <= {"passed", "not_applicable"} and "passed" in s:
         return "passed"
     if "passed" in s:
         return "partial"
+    if s == {"not_applicable"}:
+        return "not_applicable"
     return "not_run"
 
 
@@ -334,6 +351,7 @@ def _check_view(check: dict[str, Any], taken: set[str]) -> dict[str, Any]:
         "metric_rows": rows,
         "nested": nested,
         "plots": plots_for(check),
+        "loosened": [key for key, r in as_records(check.get("tolerance") or {}).items() if r.get("loosened_by_spec")],
     }
     view["tooltip"] = _tooltip(view)
     return view
@@ -400,6 +418,9 @@ def page_context(cert: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": str(cert.get("model", "?")),
         "verdict": verdict,
+        "summary": str(cert.get("summary") or ""),
+        "scopes": sorted((str(k), str(v)) for k, v in (cert.get("scopes") or {}).items()),
+        "loosened": [v for v in views if v.get("loosened")],
         "verdict_text": VERDICT_TEXT.get(verdict, ""),
         "created": str(cert.get("created") or ""),
         "created_text": created_text(str(cert.get("created") or "")),
