@@ -1,4 +1,4 @@
-"""Command line: `python -m harness {schema,validate,list,convert}`."""
+"""Command line: `python -m harness {schema,validate,list,convert,verify,backends}`."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
 
     verify.add_arguments(sub.add_parser("verify", help="check certificate.json files against the schema and "
                                                         "their own checks (exit 1 if any is invalid)"))
+    backends = sub.add_parser("backends", help="which backends import on this machine, and why not")
+    backends.add_argument("--require", default="", metavar="A,B",
+                          help="exit 1 naming each of these backends that does not import (CI: what it must run)")
     args = parser.parse_args(argv)
 
     if args.command == "schema":
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     if args.command == "verify":
         return verify.run(args)
+    if args.command == "backends":
+        return _backends([b for b in args.require.split(",") if b.strip()])
     if args.command == "list":
         for name in known_model_names():
             print(name)
@@ -65,6 +70,23 @@ def main(argv: list[str] | None = None) -> int:
             print(exc.one_line(), file=sys.stderr)
             status = 4
     return status
+
+
+def _backends(required: list[str]) -> int:
+    from .backends import ALL_BACKENDS, backend_class
+
+    missing = []
+    for name in ALL_BACKENDS:
+        problem = backend_class(name).import_problem()
+        print(f"{name:10} {'ok' if problem is None else problem}")
+        if problem is not None and name in required:
+            missing.append(f"{name} ({problem})")
+    unknown = sorted(set(required) - set(ALL_BACKENDS))
+    if unknown or missing:
+        print(f"required backends missing: {', '.join(missing + [f'{u} (unknown backend)' for u in unknown])}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,32 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 QWEN2_SPEC = REPO / "model_specs" / "qwen2.yaml"
+# CI sets this (.ci/run): the backends whose tests must run, never skip for want of the package
+REQUIRED = [b for b in os.environ.get("CERTIFY_REQUIRE_BACKENDS", "").split(",") if b.strip()]
+MISSING_WORDS = ("not installed", "needs a CUDA GPU; none is visible", "are needed")
+
+
+def pytest_configure(config):
+    if not REQUIRED:
+        return
+    from harness.backends import backend_class
+
+    missing = {name: backend_class(name).unavailable() for name in REQUIRED}
+    missing = {name: why for name, why in missing.items() if why}
+    if missing:
+        raise pytest.UsageError(f"CERTIFY_REQUIRE_BACKENDS: {'; '.join(f'{k}: {v}' for k, v in missing.items())}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CERTIFY_REQUIRE_BACKENDS a test skipped for a missing backend package fails instead."""
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRED and report.skipped and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[-1])
+        if any(word in reason for word in MISSING_WORDS) and any(b in reason.lower() for b in REQUIRED):
+            report.outcome = "failed"
+            report.longrepr = f"skipped for a backend CI must exercise ({', '.join(REQUIRED)}): {reason}"
 
 
 def base_spec(name: str = "tmp-model", **changes) -> dict:

@@ -147,44 +147,75 @@ def test_cli_base_writes_github_output(tmp_path, monkeypatch, capsys):
 
 # ---- the CPU PR gate ----
 
-def _cert(*checks: tuple[str, str, str]) -> dict:
-    rows = [{"id": f"m/{suite}/{backend}", "suite": suite, "backend": backend, "status": status,
-             "reason": f"{status} because\nsecond line"} for suite, backend, status in checks]
-    return {"model": "m", "verdict": "x", "checks": rows}
+def _cert(*checks: tuple[str, str, str, str]) -> dict:
+    rows = [{"id": f"m/{suite}/{backend}", "suite": suite, "backend": backend, "status": status, "scope": scope,
+             "reason": f"{status} because\nsecond line"} for suite, backend, status, scope in checks]
+    return {"model": "m", "verdict": "x", "summary": "a summary", "checks": rows}
 
 
-@pytest.mark.parametrize("suite, backend", [("hf", "hf"), ("roundtrip", "megatron"), ("logits", "megatron"),
-                                            ("train", "deepspeed"), ("config", "vllm"), ("config", "lmdeploy")])
-@pytest.mark.parametrize("status", ["failed", "error"])
-def test_gate_fails_on_cpu_runnable_checks(suite, backend, status):
-    ok, message = gate(_cert(("hf", "hf", "passed"), (suite, backend, status), ("logits", "sglang", "not_run")))
+@pytest.mark.parametrize("status", ["failed", "error", "not_run"])
+def test_gate_fails_on_any_cpu_scope_check_without_a_pass(status):
+    """A backend that did not install leaves not_run rows: no evidence is no pass."""
+    ok, message = gate(_cert(("hf", "hf", "passed", "cpu"), ("train", "megatron", status, "cpu"),
+                             ("logits", "sglang", "not_run", "gpu")))
     assert not ok
-    assert message == f"m: 1 CPU check(s) failed or errored: m/{suite}/{backend} {status}: {status} because"
+    assert message == f"m: 1 CPU check(s) without a pass: m/train/megatron {status}: {status} because"
 
 
-@pytest.mark.parametrize("suite, backend", [("logits", "vllm"), ("logits", "sglang"), ("logits", "lmdeploy"),
-                                            ("logits", "some-out-of-tree-engine")])
-def test_gate_leaves_gpu_only_checks_to_the_gpu_workflow(suite, backend):
-    ok, message = gate(_cert(("hf", "hf", "passed"), (suite, backend, "failed")))
-    assert ok and "1 GPU-only check(s) failed or errored" in message
+def test_gate_passes_a_certified_cpu_scope_and_names_what_is_left_to_the_gpu_workflow():
+    ok, message = gate(_cert(("hf", "hf", "passed", "cpu"), ("logits", "lmdeploy", "not_applicable", "cpu"),
+                             ("logits", "sglang", "failed", "gpu")))
+    assert ok and "CPU scope certified (2 checks); 1 GPU-scope check(s) left to gpu.yml" in message
 
 
-def test_gate_passes_incomplete_and_counts_failures():
-    assert gate(_cert(("hf", "hf", "passed"), ("train", "megatron", "not_run")))[0]
-    ok, message = gate(_cert(("hf", "hf", "failed"), ("roundtrip", "megatron", "error")))
+def test_gate_fails_a_certificate_with_nothing_in_the_cpu_scope():
+    ok, message = gate(_cert(("logits", "sglang", "not_run", "gpu")))
+    assert not ok and "nothing was proven here" in message
+
+
+def test_gate_counts_failures():
+    ok, message = gate(_cert(("hf", "hf", "failed", "cpu"), ("roundtrip", "megatron", "error", "cpu")))
     assert not ok and message.endswith("(+1 more)")
 
 
-def test_gate_cli(tmp_path, capsys):
-    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
-    good.write_text(json.dumps(_cert(("hf", "hf", "passed"))))
-    bad.write_text(json.dumps(_cert(("hf", "hf", "error"))))
+def test_gate_cli_verifies_each_certificate_first(tmp_path, capsys):
+    from harness import certificate
+
+    def real(status: str) -> dict:
+        rows = [{"id": "m/hf/hf/load/float32", "suite": "hf", "backend": "hf", "variant": "load",
+                 "dtype": "float32", "layout": "", "scope": "cpu", "seconds": 0.1, "status": status,
+                 "reason": "" if status == "passed" else "broken", "metrics": {}, "tolerance": {}}]
+        spec = "name: m\nhf_model_type: qwen2\ndtypes: [float32]\nbackends: {infer: [hf]}\n"
+        cert = certificate.build("m", __import__("hashlib").sha256(spec.encode()).hexdigest(),
+                                 {"torch": "2.13.0", "transformers": "5.19.0"}, rows, "", "", spec)
+        return cert
+
+    good, bad, forged = tmp_path / "good.json", tmp_path / "bad.json", tmp_path / "forged.json"
+    cert = real("passed")
+    cert["checks"] = cert["checks"] + [dict(cert["checks"][0], id="m/hf/hf/save-load/float32", variant="save-load",
+                                            tolerance={"save_load_max_abs_diff": {
+                                                "value": 0.0, "metric": "max_abs_diff", "upper": True,
+                                                "source": "default"}}, metrics={"max_abs_diff": 0.0})]
+    cert.update(verdict=certificate.verdict_of(cert["checks"]), scopes=certificate.scope_verdicts(cert["checks"]),
+                summary=certificate.summary_line(cert["checks"]))
+    cert["integrity"] = certificate.seal(cert, key="")
+    good.write_text(json.dumps(cert))
+    broken = real("error")
+    broken["checks"] = cert["checks"][:1] + [dict(cert["checks"][1], status="error", reason="boom")]
+    broken.update(verdict="failed", scopes=certificate.scope_verdicts(broken["checks"]),
+                  summary=certificate.summary_line(broken["checks"]))
+    broken["integrity"] = certificate.seal(broken, key="")
+    bad.write_text(json.dumps(broken))
+    forged.write_text(json.dumps(dict(cert, verdict="failed")))
     assert main(["--gate", str(good)]) == 0
     assert main(["--gate", str(good), str(bad)]) == 1
+    assert main(["--gate", str(forged)]) == 1
     assert main(["--gate", str(tmp_path / "missing.json")]) == 1  # certification crashed before writing one
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("PASS m: CPU gate passed") and lines[2].startswith("FAIL m: 1 CPU check")
-    assert lines[3].startswith("FAIL ") and "no readable certificate" in lines[3]
+    assert lines[0].startswith("PASS m: CPU scope certified (2 checks)"), lines
+    assert lines[2].startswith("FAIL m: 1 CPU check(s) without a pass: m/hf/hf/save-load/float32 error"), lines
+    assert lines[3].startswith(f"FAIL {forged}: the certificate does not verify: integrity"), lines
+    assert lines[4].startswith("FAIL ") and "cannot read" in lines[4]
 
 
 def test_module_entry_point():

@@ -8,6 +8,8 @@ certification under -n 2; a plugin-registered custom HF model class; and a spec 
 from __future__ import annotations
 
 import hashlib
+import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,8 @@ import yaml
 from harness.backends import backend_class
 from harness.certificate import verdict_of
 from harness.plan import build_plan
-from harness.spec import load_spec, parse_spec
+from harness.spec import load_spec, load_yaml, parse_spec
+from harness.verify import verify
 
 from .conftest import REPO, base_spec
 
@@ -30,8 +33,8 @@ SELECT = ("--backend", "hf", "--backend", "megatron")
 # These runs are about specs, plugins and the certificate, not training: they leave out the train-step suite
 # (it has its own tests; each train check costs ~15 s of spawned ranks). Its checks stay in the certificate, not_run.
 NO_TRAIN = ("-k", "not test_train")
-CHECK_KEYS = {"id", "suite", "backend", "status", "reason", "metrics", "tolerance"}
-STATUSES = {"passed", "failed", "not_run", "error"}
+CHECK_KEYS = {"id", "suite", "backend", "scope", "status", "reason", "metrics", "tolerance"}
+STATUSES = {"passed", "failed", "not_run", "not_applicable", "error"}
 
 
 def _template_from(builtin: str, name: str, *edits: tuple[str, str]) -> str:
@@ -52,6 +55,9 @@ def _assert_contract(cert: dict, spec_path: Path, model: str) -> None:
     assert cert["spec_sha256"] == hashlib.sha256(spec_path.read_bytes()).hexdigest()
     assert cert["verdict"] in {"certified", "failed", "incomplete"}
     assert cert["verdict"] == verdict_of(cert["checks"])
+    with tempfile.TemporaryDirectory() as tmp:  # what CI's gate does with it: it must verify against its spec
+        (Path(tmp) / "certificate.json").write_text(json.dumps(cert))
+        assert verify(Path(tmp) / "certificate.json", spec_path)["summary"] == cert["summary"]
     for package in ("python", "torch", "transformers", "megatron-core"):
         assert cert["versions"].get(package) not in (None, "", "not installed"), (package, cert["versions"])
     assert cert["checks"], "a certificate lists every planned check"
@@ -80,8 +86,10 @@ def _assert_runnable_checks_pass(cert: dict, selected: tuple[str, ...] = ("hf", 
                                  skipped_suites: tuple[str, ...] = ()) -> None:
     """Every selected check this machine can run passed; the rest (backends or suites it lacks, or not selected)
     are in the certificate as not_run with a reason."""
+    by_design = {c.id for c in build_plan(parse_spec(load_yaml(cert["spec_text"].encode()))) if c.not_applicable}
     wrong = {c["id"]: (c["status"], c["reason"][:300]) for c in cert["checks"]
-             if c["status"] != ("passed" if _runs_here(c, selected, skipped_suites) else "not_run")}
+             if c["status"] != ("not_applicable" if c["id"] in by_design else
+                                "passed" if _runs_here(c, selected, skipped_suites) else "not_run")}
     assert not wrong, wrong
     passed = {c["suite"] for c in cert["checks"] if c["status"] == "passed"}
     assert ALWAYS_RUNNABLE <= passed, passed
@@ -222,6 +230,9 @@ def test_failing_spec_fails_the_run_and_names_the_tensor(make_spec, run_certify)
     (["passed", "error"], "failed"),
     (["not_run", "failed"], "failed"),
     (["not_run", "error", "passed"], "failed"),
+    (["passed", "not_applicable"], "certified"),  # impossible by design does not block certified
+    (["not_applicable"], "incomplete"),  # ... but proves nothing on its own
+    (["not_applicable", "not_run", "passed"], "incomplete"),
 ])
 def test_verdict_of(statuses, verdict):
     assert verdict_of([{"id": f"m/s/b/{i}", "status": s} for i, s in enumerate(statuses)]) == verdict

@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 
 from fixtures.prompts import prompt_sets
 from harness.checks import hf_checks, logits
-from harness.metrics import compare_files
 from harness.tolerances import LOGIT_METRICS, resolve
 from harness.workers import Worker
 
@@ -74,10 +73,9 @@ def test_zero3_infer_fails_when_the_provider_drops_a_bias(tmp_path):
                                          "out_path": str(tmp_path / "hf.safetensors")})["path"]
         run = ds.call("logprobs", {"dir": ref_dir, "dtypes": ["float32"], "prompts": prompts,
                                    "out_dir": str(tmp_path / "ds")}, timeout=600)
-        per_set = compare_files(reference, run["files"]["float32"], prompts)
+        verdict = logits.evaluate(reference, run["files"]["float32"], prompts, "float32", {}, "zero3-infer float32")
     finally:
         hf.close()
         ds.close()
-    verdict = logits.judge(per_set, resolve("float32", {}, list(LOGIT_METRICS)), "zero3-infer float32")
     assert verdict.status == "failed"
     assert "zero3-infer float32 prompt set" in verdict.reason and "max_abs_logprob" in verdict.reason

@@ -11,8 +11,6 @@ import pytest
 
 from fixtures.prompts import prompt_sets
 from harness.checks import logits
-from harness.metrics import compare_files
-from harness.tolerances import LOGIT_METRICS, resolve
 from harness.workers import Worker
 
 from .conftest import REPO, base_spec
@@ -23,32 +21,50 @@ pytestmark = pytest.mark.skipif(
 
 
 class Rig:
-    """One HF reference + one Megatron worker for a spec; runs a template at a layout and judges it (fp32)."""
+    """One HF reference + one Megatron worker for a spec; runs a template at a layout and judges it."""
 
-    def __init__(self, spec_path: Path, tmp: Path):
+    def __init__(self, spec_path: Path, tmp: Path, overrides: dict | None = None, seed: int | None = None,
+                 model_type: str = "qwen2"):
         self.tmp = tmp
         self.hf = Worker("hf", str(spec_path))
         self.mcore = Worker("megatron", str(spec_path))
-        cfg = base_spec()["reference"]
-        self.ref_dir = self.hf.call("materialize", {"model_type": "qwen2", "overrides": cfg["config"],
-                                                    "seed": cfg["seed"], "dtype": "float32", "path": None})["dir"]
+        self.workers = [self.hf, self.mcore]
+        self.materialize(overrides or base_spec()["reference"]["config"],
+                         base_spec()["reference"]["seed"] if seed is None else seed, model_type)
+
+    def materialize(self, overrides: dict, seed: int, model_type: str = "qwen2") -> None:
+        """A (new) tiny reference model; its HF log-probs in each dtype are computed on demand."""
+        self.ref_dir = self.hf.call("materialize", {"model_type": model_type, "overrides": overrides,
+                                                    "seed": seed, "dtype": "float32", "path": None})["dir"]
         vocab = json.loads((Path(self.ref_dir) / "config.json").read_text())["vocab_size"]
         self.prompts = prompt_sets(vocab)
-        self.reference = self.hf.call("logprobs", {"dir": self.ref_dir, "dtype": "float32", "prompts": self.prompts,
-                                                   "out_path": str(tmp / "hf.safetensors")})["path"]
+        self._hf: dict[str, str] = {}
 
-    def judge(self, template: str | None, tp: int, pp: int):
-        out = self.tmp / f"{template}-{tp}-{pp}"
-        run = self.mcore.call("logprobs", {"dir": self.ref_dir, "dtypes": ["float32"], "tp": tp, "pp": pp,
-                                           "prompts": self.prompts, "out_dir": str(out), "template": template},
-                              timeout=600)
-        per_set = {} if run["load_problems"] else compare_files(self.reference, run["files"]["float32"], self.prompts)
-        tolerance = resolve("float32", {}, list(LOGIT_METRICS))
-        return logits.judge(per_set, tolerance, f"tp{tp}pp{pp} float32", run["load_problems"])
+    def hf_logprobs(self, dtype: str) -> str:
+        if dtype not in self._hf:
+            out = self.tmp / f"hf-{Path(self.ref_dir).name}-{dtype}.safetensors"
+            self._hf[dtype] = self.hf.call("logprobs", {"dir": self.ref_dir, "dtype": dtype, "prompts": self.prompts,
+                                                        "out_path": str(out)})["path"]
+        return self._hf[dtype]
+
+    @property
+    def reference(self) -> str:
+        return self.hf_logprobs("float32")
+
+    def judge(self, template: str | None, tp: int, pp: int, dtype: str = "float32"):
+        run = self.mcore.call("logprobs", {"dir": self.ref_dir, "dtypes": [dtype], "tp": tp, "pp": pp,
+                                           "prompts": self.prompts, "out_dir": str(self.tmp / f"{template}-{tp}-{pp}"),
+                                           "template": template}, timeout=600)
+        return self.evaluate(run, f"tp{tp}pp{pp} {dtype}", dtype)
+
+    def evaluate(self, run: dict, where: str, dtype: str):
+        noise = self.hf_logprobs(dtype) if dtype != "float32" else None
+        return logits.evaluate(self.reference, run["files"].get(dtype), self.prompts, dtype, {}, where,
+                               run["load_problems"], noise)
 
     def close(self):
-        self.hf.close()
-        self.mcore.close()
+        for worker in self.workers:
+            worker.close()
 
 
 def _spec(tmp_path_factory, plugin: str) -> Path:
@@ -82,6 +98,29 @@ def test_planted_bug_fails_at_tp1(rig, template):
     assert "tp1pp1 float32 prompt set" in verdict.reason and "max_abs_logprob" in verdict.reason
     # the margin between the bug and the tolerance is what makes the check trustworthy
     assert verdict.metrics["max_abs_logprob"] > 100 * verdict.tolerance["max_abs_logprob"]
+
+
+# bf16: the bounds are calibrated on HF's own bf16 rounding, and agreement is judged at decisive positions only;
+# wiring bugs must still fail, by a visible margin (metric / bound, recorded for the note)
+BF16_BUG_MARGINS: dict[str, float] = {}
+
+
+@pytest.mark.parametrize("template", ["qwen2-up-gate", "qwen2-transposed-proj", "qwen2-rope-unmapped",
+                                      "qwen2-qkv-concat"])
+def test_planted_bug_fails_in_bf16(rig, template):
+    verdict = rig.judge(template, 1, 1, "bfloat16")
+    assert verdict.status == "failed", verdict.metrics.get("max_abs_logprob")
+    margin = verdict.metrics["max_abs_logprob"] / verdict.tolerance["max_abs_logprob"]
+    BF16_BUG_MARGINS[template] = margin
+    print(f"bf16 bug margin {template}: max_abs_logprob {verdict.metrics['max_abs_logprob']:.3g} / bound "
+          f"{verdict.tolerance['max_abs_logprob']:.3g} = {margin:.1f}x; top1_agreement "
+          f"{verdict.metrics['top1_agreement']}")
+    assert margin > 2, verdict.reason
+
+
+def test_correct_template_passes_in_bf16(rig):
+    verdict = rig.judge("qwen2", 2, 1, "bfloat16")
+    assert verdict.status == "passed", verdict.reason
 
 
 def test_swiglu_concat_only_shows_at_tp2(rig):

@@ -15,6 +15,7 @@ class HFBackend(Backend):
     name = "hf"
     suites = ("hf",)
     packages = ("torch", "transformers", "safetensors")
+    probe_module = "transformers"
 
     def op_materialize(self, model_type: str, overrides: dict, seed: int, dtype: str,
                        path: str | None = None) -> dict[str, Any]:

@@ -317,6 +317,7 @@ class SGLangBackend(Backend):
     name = "sglang"
     suites = ("registration", "logits", "rollout")
     packages = ("sglang",)
+    probe_module = "sglang"
     needs_gpu = True
     worker_per_dtype = True
 
