@@ -10,7 +10,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .errors import SpecError
-from .tolerances import DTYPES, KNOWN_METRICS
+from .spec_yaml import DuplicateKeyError, load_yaml
+from .tolerances import DTYPES, KNOWN_METRICS, invalid_override
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SPECS_DIR = REPO_ROOT / "model_specs"
@@ -22,6 +23,14 @@ Dtype = Literal["float32", "bfloat16"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class _KeyedValueError(ValueError):
+    """A validator's error about one entry below its field; parse_spec appends `subkey` to the key."""
+
+    def __init__(self, subkey: str, message: str):
+        self.subkey = subkey
+        super().__init__(message)
 
 
 class Layout(_Strict):
@@ -97,6 +106,13 @@ class Rollout(_Strict):
     seed: int = Field(0, ge=0)
 
 
+class Refit(_Strict):
+    """Weight sync (trainer -> engine) as RL stacks do it: live trainer weights streamed in buckets."""
+
+    bucket_bytes: int = Field(1 << 20, ge=1, description="bytes per weight-sync bucket (a tensor larger than a "
+                                                         "bucket travels alone); ROLL and its peers bucket")
+
+
 class Spec(_Strict):
     """One model's certification spec (model_specs/<name>.yaml)."""
 
@@ -112,10 +128,14 @@ class Spec(_Strict):
     config_waivers: dict[str, str] = Field(default_factory=dict, description="HF config key -> why it does not matter")
     engines: Engines = Field(default_factory=Engines)
     rollout: Rollout = Field(default_factory=Rollout)
+    refit: Refit = Field(default_factory=Refit)
     worker_timeout_s: float = Field(900.0, gt=0, description="per-request timeout of a backend worker")
+    plugin_import_timeout_s: float = Field(60.0, gt=0, description="how long importing one plugin may take "
+                                                                   "(pytest process and each worker)")
 
     _source: Path | None = PrivateAttr(None)
     _sha256: str = PrivateAttr("")
+    _text: str = PrivateAttr("")  # the spec file's text, embedded in the certificate so `verify` can rebuild the plan
 
     @field_validator("tolerances")
     @classmethod
@@ -124,6 +144,10 @@ class Spec(_Strict):
             unknown = sorted(set(metrics) - set(KNOWN_METRICS))
             if unknown:
                 raise ValueError(f"unknown metric {unknown[0]!r} for {dtype} (known: {', '.join(KNOWN_METRICS)})")
+            for metric, value in metrics.items():
+                why = invalid_override(metric, value)
+                if why:
+                    raise _KeyedValueError(f"{dtype}.{metric}", why)
         return tolerances
 
     @field_validator("config_waivers")
@@ -153,6 +177,10 @@ class Spec(_Strict):
     @property
     def sha256(self) -> str:
         return self._sha256
+
+    @property
+    def text(self) -> str:
+        return self._text
 
     @property
     def all_backends(self) -> list[str]:
@@ -189,6 +217,8 @@ def parse_spec(data: Any, source: Path | str | None = None) -> Spec:
             message = "required key is missing"
         elif err["type"] == "value_error" and "error" in err.get("ctx", {}):
             message = str(err["ctx"]["error"])  # our own validators' text, without pydantic's "Value error, "
+            if isinstance(err["ctx"]["error"], _KeyedValueError):
+                key = f"{key}.{err['ctx']['error'].subkey}" if key else err["ctx"]["error"].subkey
         raise SpecError(source, key, message) from None
     return spec
 
@@ -202,7 +232,10 @@ def load_spec(path: str | Path) -> Spec:
     except OSError as exc:
         raise SpecError(path, None, f"cannot read spec: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(raw)
+        data = load_yaml(raw)
+    except DuplicateKeyError as exc:
+        raise SpecError(path, exc.path, f"duplicate key at line {exc.line} (first at line {exc.first_line}); "
+                                        f"YAML would silently keep only the last value") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else None
@@ -210,6 +243,7 @@ def load_spec(path: str | Path) -> Spec:
     spec = parse_spec(data, path)
     spec._source = path.resolve()
     spec._sha256 = hashlib.sha256(raw).hexdigest()
+    spec._text = raw.decode("utf-8", errors="replace")
     return spec
 
 

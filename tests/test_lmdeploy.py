@@ -278,6 +278,75 @@ def test_certify_qwen2_end_to_end(run_certify):
     registration = run.check("qwen2", "registration/lmdeploy")
     assert registration["status"] == "passed", registration
     fp32 = run.check("qwen2", "logits/lmdeploy/float32")
-    assert fp32["status"] == "not_run" and "no float32" in fp32["reason"], fp32
+    assert fp32["status"] == "not_applicable" and "no float32" in fp32["reason"], fp32  # by design, since a7f7a2f
     bf16 = run.check("qwen2", "logits/lmdeploy/bfloat16")
     assert bf16["status"] == "not_run" and "CUDA" in bf16["reason"], bf16
+
+
+# ---- a contributor with no trainer at all: HF + lmdeploy only, a custom architecture, no converter template ----
+
+NO_TRAINER_MODEL = """
+from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+
+class LmdTinyConfig(Qwen2Config):
+    model_type = "lmdtiny"
+
+
+class LmdTinyForCausalLM(Qwen2ForCausalLM):
+    config_class = LmdTinyConfig
+
+
+AutoConfig.register("lmdtiny", LmdTinyConfig, exist_ok=True)
+AutoModelForCausalLM.register(LmdTinyConfig, LmdTinyForCausalLM, exist_ok=True)
+"""
+
+NO_TRAINER_BUILDER = """
+from lmdeploy.pytorch.configurations.builder import AutoModelConfigBuilder
+from lmdeploy.pytorch.configurations.default import DefaultModelConfigBuilder
+
+
+class LmdTinyBuilder(AutoModelConfigBuilder):
+    @classmethod
+    def condition(cls, hf_config):
+        return hf_config.model_type == "lmdtiny"
+
+    @classmethod
+    def build(cls, hf_config, model_path=None, **kwargs):
+        return DefaultModelConfigBuilder.build(hf_config, model_path, **kwargs)
+"""
+
+NO_TRAINER_MAP = "MODULE_MAP = {'LmdTinyForCausalLM': 'lmdeploy.pytorch.models.qwen2.Qwen2ForCausalLM'}\n"
+
+
+def _no_trainer_spec(make_spec, builder: str) -> str:
+    qwen2 = base_spec()
+    spec = {"name": "lmd-notrainer", "hf_model_type": "lmdtiny", "plugins": ["lmdtiny_model.py"],
+            "reference": qwen2["reference"], "backends": {"train": [], "infer": ["hf", "lmdeploy"]},
+            "dtypes": ["bfloat16"],
+            "engines": {"lmdeploy": {"plugins": ["lmdtiny_builder.py"], "custom_module_map": "lmdtiny_map.py"}}}
+    return make_spec(spec, {"lmdtiny_model.py": NO_TRAINER_MODEL, "lmdtiny_builder.py": builder,
+                            "lmdtiny_map.py": NO_TRAINER_MAP})
+
+
+def test_no_trainer_spec_is_judged(make_spec, run_certify):
+    """No megatron, no template: config/lmdeploy must not ask for a converter template (it used to error)."""
+    path = _no_trainer_spec(make_spec, NO_TRAINER_BUILDER)
+    run = run_certify("--model-spec", str(path), "--backend", "lmdeploy", "--backend", "hf")
+    assert run.returncode == 0, run.output[-3000:]
+    config = run.check("lmd-notrainer", "config/lmdeploy")
+    assert config["status"] == "passed", config
+    registration = run.check("lmd-notrainer", "registration/lmdeploy")
+    assert registration["status"] == "passed", registration
+    assert run.check("lmd-notrainer", "hf/hf/load/bfloat16")["status"] == "passed"  # the HF side loads it too
+
+
+def test_no_trainer_spec_with_kv_heads_builder_bug_fails_config(make_spec, run_certify):
+    builder = BAD_KV_BUILDER.replace('hf_config.model_type == "qwen2"', 'hf_config.model_type == "lmdtiny"')
+    assert builder != BAD_KV_BUILDER
+    path = _no_trainer_spec(make_spec, builder)
+    run = run_certify("--model-spec", str(path), "--backend", "lmdeploy")
+    assert run.returncode == 1, run.output[-3000:]
+    config = run.check("lmd-notrainer", "config/lmdeploy")
+    assert config["status"] == "failed", config
+    assert "num_key_value_heads" in config["reason"], config

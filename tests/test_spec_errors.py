@@ -9,16 +9,21 @@ from __future__ import annotations
 import copy
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from harness.errors import SpecError
-from harness.spec import SPECS_DIR, check_unique_names, json_schema, known_model_names, load_spec, spec_path_for
+from harness.spec import (REPO_ROOT, SPECS_DIR, check_unique_names, json_schema, known_model_names, load_spec,
+                          spec_path_for)
 from harness.spec_plugins import validate_environment
+from harness.spec_yaml import load_yaml
 
-from .conftest import base_spec
+from .conftest import QWEN2_SPEC, base_spec
+
+QWEN2_TEXT = QWEN2_SPEC.read_text()
 
 
 def _with(path: str, value):
@@ -124,6 +129,66 @@ CASES = [
     pytest.param(_ref_path("ckpt"), {"ckpt/config.json": "{}", "ckpt/model.safetensors": b"\x00garbage bytes" * 3},
                  "env", "reference.path", r".*ckpt/model.safetensors is not a valid safetensors file: .+",
                  id="reference-path-corrupt-safetensors"),
+    # ---- head and layer counts: the reference model's own, then each parallel layout's ----
+    pytest.param(_with("reference.config.num_key_value_heads", 3), {}, "env", "reference.config.num_key_value_heads",
+                 r"num_key_value_heads 3 does not divide num_attention_heads 4 \(.*\)", id="kv-heads-not-dividing"),
+    pytest.param(_ref_path("ckpt"), {"ckpt/config.json": '{"num_attention_heads": 4, "num_key_value_heads": 3}',
+                                     "ckpt/model.safetensors": _valid_safetensors}, "env", "reference.path",
+                 r"config.json: num_key_value_heads 3 does not divide num_attention_heads 4 \(.*\)",
+                 id="kv-heads-not-dividing-in-checkpoint"),
+    pytest.param(_ref_path("ckpt"), {"ckpt/config.json": "{not json", "ckpt/model.safetensors": _valid_safetensors},
+                 "env", "reference.path", r".*ckpt/config.json: JSONDecodeError: .+", id="reference-path-bad-config"),
+    pytest.param(base_spec(parallel=[{"tp": 1, "pp": 1}, {"tp": 4, "pp": 1}]), {}, "env", "parallel[1].tp",
+                 r"tp 4 does not divide num_key_value_heads 2: each TP rank holds whole KV groups "
+                 r"\(num_query_groups % tp == 0; .*\)", id="tp-not-dividing-kv-heads"),
+    pytest.param(base_spec(parallel=[{"tp": 3, "pp": 1}]), {}, "env", "parallel[0].tp",
+                 r"tp 3 does not divide num_attention_heads 4 \(.*\)", id="tp-not-dividing-heads"),
+    pytest.param(base_spec(parallel=[{"tp": 1, "pp": 4}]), {}, "env", "parallel[0].pp",
+                 r"pp 4 > num_hidden_layers 2: a pipeline stage would hold no layer", id="pp-more-than-layers"),
+    pytest.param(_with("reference.config.num_hidden_layers", 3), {}, "env", "parallel[2].pp",
+                 r"pp 2 does not divide num_hidden_layers 3: megatron-core 0.16 splits layers evenly .*"
+                 r"\(get_num_layers_to_build asserts num_layers % pp == 0\)", id="pp-not-dividing-layers"),
+    # ---- tolerances that no measurement could ever meet (or that bound nothing) ----
+    pytest.param(base_spec(tolerances={"bfloat16": {"max_abs_logprob": -0.1}}), {}, "load",
+                 "tolerances.bfloat16.max_abs_logprob", r".*negative.*", id="tolerance-negative"),
+    pytest.param(base_spec(tolerances={"float32": {"mean_abs_logprob": float("nan")}}), {}, "load",
+                 "tolerances.float32.mean_abs_logprob", r".*not a finite number.*", id="tolerance-nan"),
+    pytest.param(base_spec(tolerances={"bfloat16": {"max_grad_diff": float("inf")}}), {}, "load",
+                 "tolerances.bfloat16.max_grad_diff", r".*not a finite number.*", id="tolerance-inf"),
+    pytest.param(base_spec(tolerances={"bfloat16": {"min_top1_agreement": 1.5}}), {}, "load",
+                 "tolerances.bfloat16.min_top1_agreement", r".*fraction.*", id="tolerance-lower-bound-above-1"),
+    pytest.param(base_spec(tolerances={"bfloat16": {"min_closeness": -0.5}}), {}, "load",
+                 "tolerances.bfloat16.min_closeness", r".*negative.*", id="tolerance-lower-bound-below-0"),
+    pytest.param(base_spec(tolerances={"float32": {"max_mean_exp_abs_logprob": 0.5}}), {}, "load",
+                 "tolerances.float32.max_mean_exp_abs_logprob", r".*at least 1.*", id="tolerance-exp-below-1"),
+    # ---- duplicate YAML keys (PyYAML would keep the last one silently) ----
+    pytest.param("name: dup\nhf_model_type: qwen2\nreference:\n  config:\n    hidden_size: 128\n"
+                 "    num_attention_heads: 4\n    hidden_size: 64\n", {}, "load", "reference.config.hidden_size",
+                 r"duplicate key at line 7 \(first at line 5\); YAML would silently keep only the last value",
+                 id="duplicate-nested-key"),
+    pytest.param("name: first\nhf_model_type: qwen2\nname: second\n", {}, "load", "name",
+                 r"duplicate key at line 3 \(first at line 1\).*", id="duplicate-top-level-key"),
+    pytest.param("name: dup\nhf_model_type: qwen2\nparallel:\n  - {tp: 1, pp: 1}\n  - {tp: 2, tp: 1}\n", {}, "load",
+                 "parallel[1].tp", r"duplicate key at line 5 \(first at line 5\).*", id="duplicate-key-in-list-item"),
+    # ---- plugins that end, hang or write to stdout while importing ----
+    pytest.param(base_spec(plugins=["quit.py"]), {"quit.py": "import sys\nsys.exit(3)\n"}, "env", "plugins[0]",
+                 r"plugin 'quit.py' called sys.exit\(3\) at import \(a plugin must not end the process\)",
+                 id="plugin-sys-exit"),
+    pytest.param(base_spec(plugins=["harness.templates.qwen2", "bare.py"]), {"bare.py": "raise SystemExit\n"}, "env",
+                 "plugins[1]", r"plugin 'bare.py' called sys.exit\(None\) at import .*", id="plugin-raise-systemexit"),
+    pytest.param(base_spec(plugins=["hang.py"], plugin_import_timeout_s=0.5), {"hang.py": "import time\n"
+                                                                                          "time.sleep(20)\n"},
+                 "env", "plugins[0]",
+                 r"plugin 'hang.py' did not finish importing within 0.5 s \(plugin_import_timeout_s\)",
+                 id="plugin-hangs-at-import"),
+    pytest.param(base_spec(plugins=["chatty.py"]), {"chatty.py": "print('hello from a plugin')\n"}, "env",
+                 "plugins[0]", r"plugin 'chatty.py' wrote to stdout at import \('hello from a plugin'\); a worker's "
+                               r"stdout carries its replies: use logging or sys.stderr", id="plugin-prints"),
+    pytest.param(base_spec(plugins=["rawfd.py"]), {"rawfd.py": "import os\nos.write(1, b'straight to fd 1\\n')\n"},
+                 "env", "plugins[0]", r"plugin 'rawfd.py' wrote to stdout at import \('straight to fd 1'\).*",
+                 id="plugin-writes-fd-1"),
+    pytest.param(base_spec(plugin_import_timeout_s=0), {}, "load", "plugin_import_timeout_s",
+                 r"Input should be greater than 0", id="plugin-timeout-zero"),
 ]
 
 
@@ -176,6 +241,123 @@ def test_valid_reference_path_passes(tmp_path):
     path = _write(tmp_path / "specs", _ref_path("ckpt"),
                   {"ckpt/config.json": "{}", "ckpt/model.safetensors": _valid_safetensors()})
     validate_environment(load_spec(path))
+
+
+def test_yaml_1_2_floats_are_floats(tmp_path):
+    """`rms_norm_eps: 1e-6` is a float in YAML 1.2 and JSON; PyYAML's 1.1 rules made it the string '1e-6'."""
+    text = QWEN2_TEXT.replace("rms_norm_eps: 1.0e-6", "rms_norm_eps: 1e-6")
+    assert text != QWEN2_TEXT
+    text += "tolerances: {bfloat16: {max_abs_logprob: 2.5E-1, mean_abs_logprob: .05, max_grad_diff: 5e-2}}\n"
+    spec = load_spec(_write(tmp_path / "specs", text, {}))
+    assert spec.reference.config["rms_norm_eps"] == 1e-6 and isinstance(spec.reference.config["rms_norm_eps"], float)
+    assert spec.tolerances["bfloat16"] == {"max_abs_logprob": 0.25, "mean_abs_logprob": 0.05, "max_grad_diff": 0.05}
+    validate_environment(spec)
+
+
+@pytest.mark.parametrize("text, value", [
+    ("1e-6", 1e-6), ("1E+6", 1e6), ("-2.5e-3", -2.5e-3), (".5", 0.5), ("2.5e3", 2500.0), ("+1e2", 100.0),
+    ("1.0e-6", 1e-6), (".inf", float("inf")),
+    ("1", 1), ("09", "09"), ("0x1f", 31), ("1e", "1e"), ("e5", "e5"), ("'1e-6'", "1e-6"), ("1e-6x", "1e-6x"),
+])
+def test_spec_loader_scalars(text, value):
+    loaded = load_yaml(f"v: {text}\n")["v"]
+    assert loaded == value and type(loaded) is type(value), (text, loaded)
+
+
+def test_spec_loader_leaves_pyyaml_alone():
+    assert yaml.safe_load("v: 1e-6\n") == {"v": "1e-6"}  # SafeLoader's own resolvers are untouched
+    assert load_yaml("a: &x {k: 1}\nb:\n  <<: *x\n  k: 2\n") == {"a": {"k": 1}, "b": {"k": 2}}  # merge overrides
+
+
+def test_harness_reads_spec_yaml_through_one_loader(tmp_path):
+    """ci_select and verify read specs too: the same loader (1.2 floats, duplicates refused) everywhere."""
+    from harness import ci_select, verify
+
+    offenders = [str(path.relative_to(REPO_ROOT)) for path in (REPO_ROOT / "harness").rglob("*.py")
+                 if path.name != "spec_yaml.py" and re.search(r"yaml\.(safe_)?load\(", path.read_text())]
+    assert offenders == [], f"read YAML with harness.spec_yaml.load_yaml: {offenders}"
+    (tmp_path / "model_specs").mkdir()
+    (tmp_path / "model_specs" / "floaty.yaml").write_text("name: floaty\nreference: {config: {rms_norm_eps: 1e-6}}\n")
+    (tmp_path / "model_specs" / "twice.yaml").write_text("name: twice\nname: again\n")
+    specs = ci_select.load_specs(tmp_path)
+    assert specs["floaty"]["reference"]["config"]["rms_norm_eps"] == 1e-6
+    assert specs["twice"] == {"_path": "model_specs/twice.yaml"}  # unreadable: still selected by its path
+    assert verify._spec_name(tmp_path / "model_specs" / "twice.yaml") == "twice"  # the file stem, not "again"
+
+
+@pytest.mark.parametrize("changes", [
+    {"tolerances": {"float32": {"max_mean_exp_abs_logprob": 1.0, "min_top1_agreement": 1.0, "min_closeness": 0.0,
+                                "max_abs_logprob": 0.0}}},
+    {"backends": {"train": ["deepspeed"], "infer": ["hf", "lmdeploy"]}, "parallel": [{"tp": 4, "pp": 4}]},
+    {"backends": {"train": [], "infer": ["hf", "vllm"]}, "parallel": [{"tp": 4, "pp": 4}]},  # no trainer: no refit
+    {"reference": {**base_spec()["reference"],
+                   "config": {**base_spec()["reference"]["config"], "num_key_value_heads": 1}},
+     "parallel": [{"tp": 1, "pp": 1}, {"tp": 1, "pp": 2}]},
+], ids=["tolerances-at-their-limits", "layouts-unused-without-megatron", "layouts-unused-by-vllm-alone",
+        "mqa-without-tp"])
+def test_good_specs_are_let_in(tmp_path, changes):
+    validate_environment(load_spec(_write(tmp_path / "specs", base_spec(**changes), {})))
+
+
+def test_plugin_that_imports_fine_works_as_before(tmp_path):
+    from harness.spec_plugins import import_engine_plugins, import_spec_plugins
+
+    files = {"good.py": "import sys\nprint('a note for the user', file=sys.stderr)\nVALUE = 42\n",
+             "engine.py": "ENGINE = 'lmdeploy'\n"}
+    path = _write(tmp_path / "specs", base_spec(plugins=["harness.templates.qwen2", "good.py"],
+                                                 engines={"lmdeploy": {"plugins": ["engine.py"]}}), files)
+    spec = load_spec(path)
+    validate_environment(spec)
+    modules = import_spec_plugins(spec)
+    assert modules[1].VALUE == 42 and import_spec_plugins(spec)[1] is modules[1]  # imported once, then reused
+    assert modules[0] is sys.modules["harness.templates.qwen2"]
+    assert import_engine_plugins(spec, "lmdeploy")[0].ENGINE == "lmdeploy"
+    assert sys.stdout is not None and type(sys.stdout).__name__ != "_StdoutWatch"  # put back
+
+
+def test_engine_plugin_printing_at_import_is_named(tmp_path):
+    from harness.spec_plugins import import_engine_plugins
+
+    files = {"builder.py": "print('registered my builder')\n"}
+    spec = load_spec(_write(tmp_path / "specs", base_spec(engines={"lmdeploy": {"plugins": ["builder.py"]}}), files))
+    with pytest.raises(SpecError) as info:
+        import_engine_plugins(spec, "lmdeploy")
+    _assert_one_line(info.value, spec.source, "engines.lmdeploy.plugins[0]",
+                     r"plugin 'builder.py' wrote to stdout at import \('registered my builder'\).*")
+
+
+def test_module_plugin_exiting_at_import_is_named(tmp_path, monkeypatch):
+    (tmp_path / "exiting_plugin_mod.py").write_text("import sys\nsys.exit(2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = load_spec(_write(tmp_path / "specs", base_spec(plugins=["exiting_plugin_mod"]), {}))
+    with pytest.raises(SpecError) as info:
+        validate_environment(spec)
+    _assert_one_line(info.value, spec.source, "plugins[0]", r"plugin 'exiting_plugin_mod' called sys.exit\(2\) .*")
+    assert "exiting_plugin_mod" not in sys.modules
+
+
+def test_plugin_importing_a_plugin_while_being_imported(tmp_path, monkeypatch):
+    """SGLang's generated package calls import_plugin from inside an import: that runs inline, because a helper
+    thread would wait for the module lock the importing thread holds (here: circular_outer's)."""
+    (tmp_path / "circular_outer.py").write_text(
+        "from types import SimpleNamespace\nfrom harness.spec_plugins import import_plugin\n\n"
+        "INNER = import_plugin(SimpleNamespace(source='outer', plugin_import_timeout_s=2), 0, 'circular_inner')\n")
+    (tmp_path / "circular_inner.py").write_text("import circular_outer  # half-made while it imports us\nVALUE = 7\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = load_spec(_write(tmp_path / "specs", base_spec(plugins=["circular_outer"]), {}))
+    try:
+        validate_environment(spec)
+        assert sys.modules["circular_outer"].INNER.VALUE == 7
+    finally:
+        for name in ("circular_outer", "circular_inner"):
+            sys.modules.pop(name, None)
+
+
+def test_keyboard_interrupt_in_a_plugin_is_not_swallowed(tmp_path):
+    spec = load_spec(_write(tmp_path / "specs", base_spec(plugins=["ctrl_c.py"]),
+                            {"ctrl_c.py": "raise KeyboardInterrupt\n"}))
+    with pytest.raises(KeyboardInterrupt):
+        validate_environment(spec)
 
 
 def test_missing_spec_file(tmp_path):
@@ -256,6 +438,21 @@ def test_cli_malformed_spec_keeps_existing_reports(run_certify, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"ERROR: {path}: reference.config.hiden_size: "), run.output
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (cert, summary)} == before
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["other-model"]
+
+
+@pytest.mark.parametrize("plugin, changes, message", [
+    ("import sys\nsys.exit(3)\n", {}, "plugin 'bad_plugin.py' called sys.exit(3) at import "
+                                       "(a plugin must not end the process)"),
+    ("import time\ntime.sleep(3600)\n", {"plugin_import_timeout_s": 1},
+     "plugin 'bad_plugin.py' did not finish importing within 1 s (plugin_import_timeout_s)"),
+], ids=["sys-exit", "hang"])
+def test_cli_plugin_failing_at_import(run_certify, tmp_path, plugin, changes, message):
+    """pytest used to print "mainloop: caught unexpected SystemExit!" (exit 3), or wait for ever."""
+    path = _write(tmp_path / "specs", base_spec(plugins=["bad_plugin.py"], **changes), {"bad_plugin.py": plugin})
+    run = run_certify("--model-spec", str(path), timeout=120)
+    assert run.returncode == 4, run.output
+    assert "Traceback" not in run.output and "mainloop" not in run.output
+    assert _error_lines(run.output) == [f"ERROR: {path}: plugins[0]: {message}"], run.output
 
 
 def test_cli_unknown_model(run_certify):

@@ -112,6 +112,7 @@ class Backend:
     needs_gpu: ClassVar[bool] = False
     gpu_suites: ClassVar[tuple[str, ...]] = ()  # suites that need CUDA although the backend's others do not
     worker_per_dtype: ClassVar[bool] = False  # an engine fixed to one dtype: one worker process per dtype
+    probe_module: ClassVar[str | None] = None  # what must import for the backend to work (`harness backends`)
     # dtype -> why the combination cannot exist by design (not_applicable: no machine would run it)
     not_applicable_dtypes: ClassVar[dict[str, str]] = {}
 
@@ -129,6 +130,26 @@ class Backend:
                 return f"{package} is not installed{where} (pip install {package})"
         if cls.needs_gpu and not cuda_visible(cls.name):
             return "needs a CUDA GPU; none is visible"
+        return None
+
+    @classmethod
+    def import_problem(cls) -> str | None:
+        """Why the backend's module does not import here (None when it does): installed is not enough."""
+        import subprocess
+        import sys
+
+        reason = cls.unavailable()
+        if reason is not None or cls.probe_module is None:
+            return reason
+        python = _interpreter(cls.name) or sys.executable
+        try:
+            proc = subprocess.run([python, "-c", f"import {cls.probe_module}"], capture_output=True, text=True,
+                                  timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"import {cls.probe_module} did not finish: {exc}"
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            return f"import {cls.probe_module} fails: {last}"
         return None
 
     @classmethod
