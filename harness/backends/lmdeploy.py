@@ -38,6 +38,7 @@ class LmdeployBackend(Backend):
     name = "lmdeploy"
     suites = ("config", "registration", "logits")
     packages = ("lmdeploy",)
+    probe_module = "lmdeploy.pytorch.configurations"
     gpu_suites = ("logits",)
     not_applicable_dtypes = {"float32": "lmdeploy's PyTorch engine has no float32 (PytorchEngineConfig.dtype is "
                                         "auto, float16 or bfloat16)"}
