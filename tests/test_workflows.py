@@ -147,3 +147,35 @@ def test_publish_to_pages():
     assert deploy["permissions"] == {"pages": "write", "id-token": "write"}
     assert deploy["environment"]["name"] == "github-pages"
     assert any(s.get("uses", "").startswith("actions/deploy-pages@") for s in deploy["steps"])
+
+
+def test_published_certificates_are_signed_and_verified_with_the_same_secret():
+    wf = _load("publish.yml")
+    steps = wf["jobs"]["build"]["steps"]
+    certify = next(s for s in steps if "make certify" in s.get("run", ""))
+    verify = next(s for s in steps if "harness verify" in s.get("run", ""))
+    for step in (certify, verify):
+        assert step["env"]["CERTIFY_SIGNING_KEY"] == "${{ secrets.CERTIFY_SIGNING_KEY }}"
+
+
+def test_ci_requires_the_backends_it_exists_to_exercise(tmp_path):
+    """.ci/run names them, checks they import, and a test skipped for one of them then fails instead of passing."""
+    import os
+    import subprocess
+    import sys
+
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "CERTIFY_REQUIRE_BACKENDS=hf,megatron,deepspeed,vllm,lmdeploy" in ci
+    assert ci.index("harness backends --require") < ci.index("make test")
+    (tmp_path / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_skips.py").write_text(
+        "import pytest\n\n@pytest.mark.skipif(True, reason='megatron-core not installed')\ndef test_x():\n    pass\n")
+    env = {**os.environ, "CERTIFY_REQUIRE_BACKENDS": "hf,megatron"}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                          str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "skipped for a backend CI must exercise" in run.stdout, run.stdout[-2000:]
+    env.pop("CERTIFY_REQUIRE_BACKENDS")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                          str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "1 skipped" in run.stdout, run.stdout[-2000:]
