@@ -8,7 +8,7 @@ subprocess, interleaved when --rounds > 1, after an untimed warm-up engine start
 machine compiles a header into $TMPDIR/torchinductor_*, ~60 s, which neither side should pay alone).
 
 harness: `python -m pytest --model M --backend vllm --dtype D -p no:cacheprovider --color=no -v --report-dir TMP`
-  restricted by default with `-k "not /megatron-t and not /deepspeed-t"` (one term per spec.backends.train):
+  restricted by default with `-k "not /megatron-t"` (one term per trainer rollout scorer, harness.plan.rollout_scorers):
   the rollout checks scored by a trainer backend reuse the very same engine samples (session memo), so they add
   only Megatron/DeepSpeed worker start-up and scoring, which is not vLLM's cost. --full runs them too.
   -v, not -q: the plugin prints each worker call ("[m] vllm.refit(dtype=.., tp=.., pp=..) 3.1s") and the
@@ -24,9 +24,9 @@ bare: a plain script (`python -c CHILD plan.json`, importing vllm, torch and saf
     logits: generate over every prompt set, greedy, MAX_NEW_TOKENS tokens, prompt_logprobs = logprobs = top_k;
     refit (once per spec.parallel layout): reload dummy weights, generate, reload the checkpoint, generate,
       reload the checkpoint again (the harness's dummy -> trainer weights -> restore sequence through vLLM's
-      layerwise reload path). The harness's "trainer weights" come from HF -> Megatron -> (tp, pp) shards ->
-      HF conversion in the vLLM worker; the bare script sends the checkpoint itself, so that conversion counts
-      as harness overhead;
+      layerwise reload path). The harness's "trainer weights" come from a Megatron worker that takes one train
+      step at (tp, pp) and gathers/converts its live weights (its time is in the wall ratio, not the vLLM one),
+      streamed in spec.refit.bucket_bytes buckets; the bare script sends the checkpoint in one load_weights;
     rollout: one generate per rollout temperature over the spec.rollout max_new_tokens x batch_sizes grid.
   Outputs are read into Python dicts/lists as the harness reads them, but not written to disk. Of the spec's
   plugins only engines.vllm.plugins are imported (the others serve converters and HF, which vLLM does not need).
@@ -227,8 +227,11 @@ def build_plan(spec, dtype: str, ref_dir: str, vocab: int) -> list[dict]:
 def harness_command(spec, model: str, dtype: str, report_dir: str, full: bool) -> list[str]:
     cmd = [sys.executable, "-m", "pytest", "--model", model, "--backend", "vllm", "--dtype", dtype,
            "-p", "no:cacheprovider", "--color=no", "-v", "--report-dir", report_dir]
-    if not full:
-        cmd += ["-k", " and ".join(f"not /{trainer}-t" for trainer in spec.backends.train)]
+    from harness.plan import rollout_scorers
+
+    trainers = rollout_scorers(spec)[1:]  # the rollout scorers other than HF
+    if not full and trainers:
+        cmd += ["-k", " and ".join(f"not /{trainer}-t" for trainer in trainers)]
     return cmd
 
 

@@ -30,8 +30,10 @@ BACKEND_SUITES: dict[str, tuple[str, ...]] = {
     "sglang": ("registration", "logits", "rollout"),
     "lmdeploy": ("config", "registration", "logits"),
 }
-# refit: the trainer-side weights are sharded per layout before the reverse conversion gathers them
+# refit: per layout, a Megatron trainer (tp x pp ranks) takes a step and syncs its live weights to the engine
 PER_LAYOUT = {("megatron", "logits"), ("megatron", "train"), ("vllm", "refit")}
+# the trainer a suite needs in spec.backends.train: without it the suite is not planned (nothing to sync from)
+SUITE_TRAINER = {"refit": "megatron"}
 # backend-specific dtype-dependent variants replacing the suite's default ones
 BACKEND_VARIANTS: dict[tuple[str, str], tuple[str, ...]] = {
     ("deepspeed", "train"): tuple(f"zero{stage}-ws{world}" for stage in range(4) for world in (1, 2)),
@@ -49,6 +51,18 @@ class PlannedCheck:
     layout: str = ""
 
     @property
+    def scope(self) -> str:
+        """'gpu' when the backend needs CUDA for this suite by design, else 'cpu' (declared by the backend)."""
+        cls = _backend_class(self.backend)
+        return cls.scope(self.suite) if cls is not None else "cpu"
+
+    @property
+    def not_applicable(self) -> str:
+        """Why this combination cannot exist by design ('' when it can): the backend's own reason."""
+        cls = _backend_class(self.backend)
+        return cls.not_applicable_dtypes.get(self.dtype, "") if cls is not None else ""
+
+    @property
     def id(self) -> str:
         parts = [self.model, self.suite, self.backend, self.variant, self.dtype, self.layout]
         return "/".join(p for p in parts if p)
@@ -59,11 +73,29 @@ class PlannedCheck:
         return self.id.split("/", 1)[1]
 
 
+def _backend_class(name: str):
+    from .backends import backend_class  # backend modules import only their base at module level: cheap
+
+    return backend_class(name)
+
+
+# Rollout scorers are planned only where they differ from HF's: Megatron-core is its own implementation.
+# DeepSpeed's deepspeed_infer runs the HF module itself; from a ZeRO-3 engine sharded over 2 ranks (each
+# scoring its own rows) its log-probs equal the HF scorer's bit for bit in fp32 and bf16 (measured), so a
+# DeepSpeed-scored rollout row would repeat the HF-scored one. logits/deepspeed/zero3-infer covers ZeRO-3.
+SAME_AS_HF_SCORER = {"deepspeed": "deepspeed_infer runs the HF module: ZeRO-3 at world size 2 scores "
+                                  "bit-identically to the HF scorer"}
+
+
+def rollout_scorers(spec: Spec) -> tuple[str, ...]:
+    """Who scores the engine's samples: HF, and each train backend whose scoring differs from HF's."""
+    return ("hf", *(t for t in spec.backends.train if t not in SAME_AS_HF_SCORER))
+
+
 def rollout_variants(spec: Spec) -> tuple[str, ...]:
-    """trainer-T<temperature>: who scores the engine's samples, at temperature 1 and the rollout one."""
+    """scorer-T<temperature>: who scores the engine's samples, at temperature 1 and the rollout one."""
     temperatures = sorted({1.0, spec.rollout.temperature})
-    trainers = ["hf", *spec.backends.train]
-    return tuple(f"{trainer}-t{t:g}" for trainer in trainers for t in temperatures)
+    return tuple(f"{scorer}-t{t:g}" for scorer in rollout_scorers(spec) for t in temperatures)
 
 
 def parse_rollout_variant(variant: str) -> tuple[str, float]:
@@ -78,6 +110,8 @@ def build_plan(spec: Spec, backends: list[str] | None = None, dtypes: list[str] 
         if backends and backend not in backends:
             continue
         for suite in BACKEND_SUITES[backend]:
+            if suite in SUITE_TRAINER and SUITE_TRAINER[suite] not in spec.backends.train:
+                continue
             agnostic, per_dtype = SUITE_VARIANTS[suite]
             per_dtype = BACKEND_VARIANTS.get((backend, suite), per_dtype)
             if suite == "rollout":

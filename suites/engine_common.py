@@ -42,7 +42,7 @@ def judge_record(certify, check, record_path: str, prompts: dict, where: str, pr
                                   certify.specs[check.model].tolerances, where, list(problems))
 
 
-def engine_logits(certify, check, ref_dir: str, prompts: dict):
+def judge_engine_logits(certify, check, ref_dir: str, prompts: dict):
     """A rollout engine: prompt log-probs and a greedy continuation, against HF's."""
     vocab = json.loads((Path(ref_dir) / "config.json").read_text())["vocab_size"]
     out = certify.scratch(check.model) / f"{check.backend}-logits-{check.dtype}.json"
@@ -50,16 +50,3 @@ def engine_logits(certify, check, ref_dir: str, prompts: dict):
                        top_k=top_k(vocab), max_new_tokens=MAX_NEW_TOKENS, out_path=str(out))
     return judge_record(certify, check, run["path"], prompts, check.dtype)
 
-
-def engine_tolerance(certify, check, prompts: dict, vocab: int, factor: float | None = None):
-    """(Tolerance, calibration evidence) for an engine record judged in check.dtype (bf16: HF's own noise)."""
-    from harness.tolerances import CALIBRATION_FACTOR, ENGINE_LOGIT_METRICS, resolve
-
-    spec_tolerances = certify.specs[check.model].tolerances
-    if check.dtype == "float32":
-        return resolve("float32", spec_tolerances, ENGINE_LOGIT_METRICS), None
-    calibration = engine_logits.noise_calibration(
-        greedy_reference(certify, check.model, "float32", prompts),
-        greedy_reference(certify, check.model, check.dtype, prompts), prompts, top_k(vocab),
-        factor or CALIBRATION_FACTOR)
-    return resolve(check.dtype, spec_tolerances, ENGINE_LOGIT_METRICS, calibration), calibration.as_dict()

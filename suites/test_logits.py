@@ -29,7 +29,7 @@ def test_logits(check, certify, request):
         ref_dir = certify.reference_dir(check.model, "float32")
         prompts = _prompts(ref_dir)
         if check.backend in engine_common.ENGINES:
-            box["verdict"] = engine_common.engine_logits(certify, check, ref_dir, prompts)
+            box["verdict"] = engine_common.judge_engine_logits(certify, check, ref_dir, prompts)
         else:
             box["verdict"] = _trainer_logits(certify, check, spec, ref_dir, prompts)
     conclude(request, certify, check, box["verdict"], box["seconds"])

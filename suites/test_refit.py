@@ -1,39 +1,71 @@
-"""Weight sync (refit): a dummy-weight engine receives the trainer's weights and must then match HF."""
+"""Weight sync (refit), the RL invariant: after one train step the trainer's live weights reach the running
+engine in buckets, and the engine's prompt logprobs must then equal the trainer's own after that step.
+
+Per layout: the Megatron worker (tp, pp ranks) takes one step on the train suite's fixed batch, gathers
+its live parameters and converts them with the template's Megatron->HF direction, as ROLL's sync does;
+the engine (dummy-initialised first) receives them in buckets of spec.refit.bucket_bytes through its
+in-place reload path. Judged by harness/checks/refit.py.
+"""
 import json
 from pathlib import Path
 
+from safetensors.torch import load_file as load
+
 from fixtures.prompts import prompt_sets
 from harness import engine_record
-from harness.checks import engine_logits, logits
+from harness.backends import backend_class
+from harness.checks import refit
 from harness.plugin import conclude
+from harness.verdict import Verdict, from_problems
 from suites import engine_common
 
 SUITE = "refit"
+TRAINER = "megatron"  # harness/plan.py plans refit only where the spec trains with Megatron
+TRAIN_SET = "padded_batch"  # the train suite's fixed batch (suites/test_train.py _sequences)
+
+
+def _hf_logprobs(certify, model: str, dtype: str, prompts: dict) -> dict:
+    """HF's prompt log-probs of the reference checkpoint in `dtype` (the logits suite's very call)."""
+    ref_dir = certify.reference_dir(model, "float32")
+    out = certify.scratch(model) / f"hf-{dtype}.safetensors"
+    return load(certify.call(model, "hf", "logprobs", dir=ref_dir, dtype=dtype, prompts=prompts,
+                             out_path=str(out))["path"])
+
+
+def _judge(certify, check, spec) -> Verdict:
+    ref_dir = certify.reference_dir(check.model, "float32")
+    vocab = json.loads((Path(ref_dir) / "config.json").read_text())["vocab_size"]
+    prompts = prompt_sets(vocab)
+    layout = next(lay for lay in spec.parallel if lay.id == check.layout)
+    noisy = _hf_logprobs(certify, check.model, check.dtype, prompts) if check.dtype != "float32" else None
+    truth = _hf_logprobs(certify, check.model, "float32", prompts) if noisy is not None else None
+    tolerance, calibration, margins = refit.tolerance_for(check.dtype, spec.tolerances, truth, noisy, prompts)
+    out = certify.scratch(check.model) / f"refit-{check.dtype}-{check.layout}"
+    source = certify.call(check.model, TRAINER, "refit_source", dir=ref_dir, dtype=check.dtype, tp=layout.tp,
+                          pp=layout.pp, sequences=prompts[TRAIN_SET], prompts=prompts, out_dir=str(out))
+    if source.get("load_problems"):  # the template's forward direction produced shards Megatron cannot load
+        return from_problems(source["load_problems"], {}, tolerance, what="converted shards that do not load")
+    sync = certify.call(check.model, check.backend, "refit", dir=ref_dir, dtype=check.dtype, prompts=prompts,
+                        top_k=engine_common.top_k(vocab), max_new_tokens=engine_common.MAX_NEW_TOKENS,
+                        weights=source["weights"], bucket_bytes=spec.refit.bucket_bytes,
+                        out_path=f"{out}-{check.backend}.json")
+    where = f"after refit from {check.layout} {check.dtype} ({TRAINER} trainer, one train step)"
+    verdict = refit.evaluate(engine_record.load(sync["path"]), engine_record.load(sync["dummy_path"]),
+                             load(source["logprobs"]), load(source["pre_step_logprobs"]), prompts, tolerance,
+                             margins, where, sync, [f"conversion: {p}" for p in source["conversion_problems"]],
+                             calibration)
+    verdict.metrics["refit"].update(trainer=TRAINER, synced=source["synced"], train_loss=source["losses"],
+                                    sent_bytes=source["sent_bytes"])
+    return verdict
 
 
 def test_refit(check, certify, request):
     spec = certify.specs[check.model]
     with certify.judging(check) as box:
-        ref_dir = certify.reference_dir(check.model, "float32")
-        vocab = json.loads((Path(ref_dir) / "config.json").read_text())["vocab_size"]
-        prompts = prompt_sets(vocab)
-        layout = next(lay for lay in spec.parallel if lay.id == check.layout)
-        out = certify.scratch(check.model) / f"{check.backend}-refit-{check.dtype}-{check.layout}.json"
-        run = certify.call(check.model, check.backend, "refit", dir=ref_dir, dtype=check.dtype, prompts=prompts,
-                           top_k=engine_common.top_k(vocab), max_new_tokens=engine_common.MAX_NEW_TOKENS,
-                           tp=layout.tp, pp=layout.pp, out_path=str(out))
-        problems = [f"conversion: {p}" for p in run["conversion_problems"]]
-        if run["not_loaded"]:
-            problems.append(f"{len(run['not_loaded'])} engine parameters never received a weight: "
-                            f"{', '.join(run['not_loaded'][:4])}")
-        truth = engine_common.greedy_reference(certify, check.model, "float32", prompts)
-        dummy = logits.worst(engine_logits.compare(engine_record.load(run["dummy_path"]), truth),
-                             engine_logits.ENGINE_BOUNDS)
-        verdict = engine_common.judge_record(certify, check, run["path"], prompts, vocab,
-                                             f"after refit from {check.layout} {check.dtype}", problems)
-        if dummy["max_abs_logprob"] <= verdict.tolerance["max_abs_logprob"]:  # the check would prove nothing
-            verdict.status, verdict.reason = "error", "dummy weights already matched HF: the refit was not observable"
-        verdict.metrics["refit"] = {"sent_tensors": run["sent_tensors"], "loaded_parameters": run["loaded"],
-                                    "dummy_max_abs_logprob": dummy["max_abs_logprob"]}
-        box["verdict"] = verdict
+        trainer = backend_class(TRAINER)
+        reason = f"no {TRAINER!r} backend module" if trainer is None else trainer.unavailable()
+        if reason:  # the sync's source cannot run here
+            box["verdict"] = Verdict("not_run", f"the refit's trainer ({TRAINER}) cannot run here: {reason}")
+        else:
+            box["verdict"] = _judge(certify, check, spec)
     conclude(request, certify, check, box["verdict"], box["seconds"])

@@ -4,10 +4,9 @@ from pathlib import Path
 
 from fixtures.prompts import prompt_sets
 from harness.backends.base import cuda_visible
-from harness.checks import logits, rollout
+from harness.checks import rollout
 from harness.plan import parse_rollout_variant
 from harness.plugin import conclude
-from harness.tolerances import CALIBRATION_FACTOR, ROLLOUT_METRICS, calibrate
 
 SUITE = "rollout"
 
@@ -52,9 +51,9 @@ def test_rollout(check, certify, request):
         ref_dir = certify.reference_dir(check.model, "float32")
         config = json.loads((Path(ref_dir) / "config.json").read_text())
         out = certify.scratch(check.model) / f"{check.backend}-samples-{check.dtype}-t{temperature:g}.json"
-        run = certify.call(check.model, check.backend, "sample", dir=ref_dir, dtype=check.dtype,
-                           cells=_cells(spec, config, cuda_visible(check.backend)), temperature=temperature, seed=spec.rollout.seed,
-                           out_path=str(out))
+        cells = _cells(spec, config, cuda_visible(check.backend))
+        run = certify.call(check.model, check.backend, "sample", dir=ref_dir, dtype=check.dtype, cells=cells,
+                           temperature=temperature, seed=spec.rollout.seed, out_path=str(out))
         payload = json.loads(Path(run["path"]).read_text())
         samples = payload["samples"]
         problems = []
@@ -65,25 +64,15 @@ def test_rollout(check, certify, request):
         tag = f"{check.backend}-t{temperature:g}"
         scales = spec.rollout.trainer_scales_by_temperature
 
-        def score(dtype):
-            return rollout.trainer_token_logprobs(_scores(certify, check.model, trainer, dtype, sequences, tag),
+        def score(who, dtype):
+            return rollout.trainer_token_logprobs(_scores(certify, check.model, who, dtype, sequences, tag),
                                                   samples, temperature, scales)
 
-        per_cell = rollout.compare(samples, [s["logprobs"] for s in samples], score(check.dtype))
-        floor = certify.tolerance(check.__class__(**{**check.__dict__, "dtype": "float32"}), list(ROLLOUT_METRICS))
-        tolerance, calibration = floor, None
-        if check.dtype != "float32":
-            # bf16 on both sides: each side may be 2 x HF's own bf16 rounding away from the truth, so their
-            # difference may be the sum (4 x); measured on these very tokens
-            hf = lambda d: rollout.trainer_token_logprobs(  # noqa: E731
-                _scores(certify, check.model, "hf", d, sequences, tag), samples, temperature, scales)
-            noise = logits.worst(rollout.compare(samples, hf("float32"), hf(check.dtype)), rollout.ROLLOUT_BOUNDS)
-            tolerance = calibrate(noise, floor, rollout.ROLLOUT_BOUNDS, factor=2 * CALIBRATION_FACTOR)
-            tolerance.update({k: v for k, v in spec.tolerances.get(check.dtype, {}).items() if k in tolerance})
-            calibration = {"method": "2 x 2 x HF-bf16 vs HF-fp32 on the sampled tokens (both sides bf16)",
-                           "noise": noise}
+        bf16 = check.dtype != "float32"
         where = (f"{trainer} vs {check.backend} at T={temperature:g} {check.dtype} (engine logprobs: "
                  f"{spec.rollout.engine_logprobs}, trainer scales by T: {scales})")
-        box["verdict"] = logits.judge(per_cell, tolerance, where, problems, calibration, rollout.ROLLOUT_BOUNDS)
-        box["verdict"].metrics["samples"] = len(samples)
+        box["verdict"] = rollout.evaluate(
+            cells, samples, [s.get("logprobs", []) for s in samples], score(trainer, check.dtype), check.dtype,
+            spec.tolerances, where, problems, hf_truth=score("hf", "float32") if bf16 else None,
+            hf_noisy=score("hf", check.dtype) if bf16 else None)
     conclude(request, certify, check, box["verdict"], box["seconds"])

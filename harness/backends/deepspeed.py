@@ -19,6 +19,7 @@ from .base import Backend, spawn_ranks
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
     suites = ("train", "logits")
+    probe_module = "deepspeed"
     packages = ("torch", "deepspeed")
 
     def setup(self) -> None:
@@ -41,7 +42,8 @@ class DeepSpeedBackend(Backend):
 
     def op_logprobs(self, dir: str, dtypes: list[str], prompts: dict[str, list[list[int]]],  # noqa: A002
                     out_dir: str, stage: int = 3, world: int = 1) -> dict[str, Any]:
-        """deepspeed_infer: ZeRO-3 (by default) eval forward, full-vocabulary log-probs."""
+        """deepspeed_infer: ZeRO-3 (by default) eval forward, full-vocabulary log-probs; at world size > 1
+        each data-parallel rank scores its own rows of every prompt set."""
         for dtype in dtypes:
             self._spawn({"mode": "infer", "dir": dir, "stage": stage, "dtype": dtype, "prompts": prompts,
                          "out_dir": f"{out_dir}/{dtype}"}, world)

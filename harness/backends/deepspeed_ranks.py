@@ -63,7 +63,7 @@ def run_rank(rank: int, world: int, port: int, job_path: str) -> None:
     if job["mode"] == "train":
         _train(engine, job, rank, world, torch, dist)
     else:
-        _infer(engine, job, rank, torch)
+        _infer(engine, job, rank, world, torch, dist)
     dist.barrier()
 
 
@@ -117,7 +117,9 @@ def _optimizer_steps(engine) -> int:
     return max(counters, default=1)
 
 
-def _infer(engine, job, rank, torch) -> None:
+def _infer(engine, job, rank, world, torch, dist) -> None:
+    """deepspeed_infer: every data-parallel rank scores its own rows of each prompt set through the
+    (ZeRO-3: sharded, gathered per module on the fly) engine; rank 0 puts the rows back in order."""
     from safetensors.torch import save_file
 
     from ..train_step import make_batch
@@ -126,9 +128,20 @@ def _infer(engine, job, rank, torch) -> None:
     outputs = {}
     with torch.no_grad():
         for name, seqs in job["prompts"].items():
-            batch = make_batch(seqs)
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            outputs[name] = torch.log_softmax(logits.float(), dim=-1).contiguous()
+            batch = make_batch(seqs)  # the global padding, so every rank's rows have the same length
+            rows = list(range(rank, len(seqs), world))
+            # ZeRO-3 gathers parameters collectively: a rank without rows still runs (row 0) and drops it
+            mine = {k: v[rows or [0]] for k, v in batch.items()}
+            logits = engine(input_ids=mine["input_ids"], attention_mask=mine["attention_mask"]).logits
+            part = torch.log_softmax(logits.float(), dim=-1).contiguous() if rows else None
+            parts = [None] * world if rank == 0 else None
+            dist.gather_object((rows, part), parts, dst=0)
+            if rank == 0:
+                full = torch.empty(len(seqs), *logits.shape[1:], dtype=torch.float32)
+                for got_rows, got in parts:
+                    if got_rows:
+                        full[got_rows] = got
+                outputs[name] = full.contiguous()
     if rank == 0:
         Path(job["out_dir"]).mkdir(parents=True, exist_ok=True)
         save_file(outputs, f"{job['out_dir']}/logprobs.safetensors")

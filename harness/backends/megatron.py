@@ -1,7 +1,8 @@
 """Megatron-core (local layer spec) as ROLL's megatron_train/megatron_infer strategies build it.
 
 Operations: the config-parsing view (the TransformerConfig really built from
-the template) and the round trip with the names/shapes GPTModel expects.
+the template), the round trip with the names/shapes GPTModel expects, log-probs and the train
+step at a (tp, pp) layout, and the trainer side of a weight sync (refit_source).
 
 megatron-core 0.16.1 on CPU (Python 3.11) needs: gloo, use_cpu_initialization,
 every fusion off, and the RNG tracker initialised without the CUDA seeding
@@ -68,6 +69,7 @@ def build_transformer_config(tc_kwargs: dict[str, Any], dtype: str = "float32", 
 class MegatronBackend(Backend):
     name = "megatron"
     suites = ("config", "roundtrip", "logits", "train")
+    probe_module = "megatron.core"
     packages = ("torch", "megatron-core")
 
     def setup(self) -> None:
@@ -187,6 +189,39 @@ class MegatronBackend(Backend):
             result[f"{kind}_conversion_problems"] = back.problems()
         saved = save_train_result(result, f"{out_dir}/hf")
         return {**saved, "conversion_problems": result["grads_conversion_problems"]}
+
+    def op_refit_source(self, dir: str, dtype: str, tp: int, pp: int, sequences: list[list[int]],  # noqa: A002
+                        prompts: dict[str, list[list[int]]], out_dir: str,
+                        template: str | None = None) -> dict[str, Any]:
+        """The trainer side of an RL weight sync, as ROLL's Megatron strategy performs it.
+
+        tp*pp ranks take ONE train step on the train suite's fixed batch; the live post-step
+        parameters of every rank are gathered (TP shards joined, PP stages renumbered) and converted
+        with the template's Megatron->HF direction into one HF-named file, in send order. Beside it:
+        the trainer's own full-vocabulary log-probs on the prompt sets after the step (what the engine
+        must reproduce) and before it (to show the step is visible at all)."""
+        import json
+
+        from safetensors.torch import load_file
+
+        from ..convert import dist
+        from ..convert.refit import planted_fault, save_sync_file
+
+        fault = planted_fault()
+        sync = "pre-step" if fault and fault["kind"] == "pre-step" else "post-step"
+        template_obj, view, layout, mca_state, report, load_problems = self._run_ranks(dir, template, tp, pp, {
+            "mode": "refit_source", "dtype": dtype, "sequences": sequences, "prompts": prompts,
+            "out_dir": out_dir, "sync": sync})
+        if load_problems:  # a converter bug in the forward direction: judged as a failure naming the tensors
+            return {"load_problems": load_problems}
+        shards = {(p, t): load_file(f"{out_dir}/live_pp{p}_tp{t}.safetensors") for p in range(pp) for t in range(tp)}
+        hf, back = template_obj.mca_to_hf(dist.gather_as(shards, layout, mca_state), view)
+        return {"weights": save_sync_file(hf, f"{out_dir}/sync.safetensors"),
+                "logprobs": f"{out_dir}/logprobs.safetensors",
+                "pre_step_logprobs": f"{out_dir}/logprobs_pre_step.safetensors",
+                "losses": json.loads((Path(out_dir) / "losses.json").read_text()),
+                "sent_tensors": len(hf), "sent_bytes": sum(t.numel() * t.element_size() for t in hf.values()),
+                "synced": sync, "conversion_problems": report.problems() + back.problems()}
 
     def _expected_shapes(self, view) -> dict[str, list[int]]:
         """Parameter names and shapes of megatron-core's GPTModel (local spec) for this config."""

@@ -2,9 +2,12 @@
 
 Spawned by the Megatron backend with world size tp*pp. Each rank loads its shard (names and
 shapes the converter got wrong are reported, named), then either runs the prompt sets forward
-(mode "logprobs": the last stage writes log-probabilities) or trains on the fixed batch (mode
-"train": loss per step, first-step gradients and updated weights per rank). Hidden states and
-their gradients travel between pipeline stages with send/recv, one micro-batch at a time.
+(mode "logprobs": the last stage writes log-probabilities), trains on the fixed batch (mode
+"train": loss per step, first-step gradients and updated weights per rank), or is the source of
+a weight sync (mode "refit_source": log-probs before and after one train step, and the live
+post-step parameters of every rank, which the backend gathers and converts as ROLL's sync does).
+Hidden states and their gradients travel between pipeline stages with send/recv, one micro-batch
+at a time.
 """
 from __future__ import annotations
 
@@ -123,20 +126,26 @@ class Rank:
         self.dist.all_reduce(weight.grad, group=self.ps.get_embedding_group())
 
 
+def _prompt_logprobs(r: Rank, model, tc, dtype: str) -> dict:
+    """Full-vocabulary log-probs per prompt set (eval, no grad); filled on the last stage's tp rank 0."""
+    torch = r.torch
+    model.eval()
+    outputs = {}
+    with torch.no_grad():
+        for set_name, seqs in r.job["prompts"].items():
+            _, out = r.forward(model, tc, dtype, seqs)
+            if r.last and r.tp_rank == 0:
+                outputs[set_name] = torch.log_softmax(out.float(), dim=-1).cpu().contiguous()
+    return outputs
+
+
 def _logprobs(r: Rank, shard) -> None:
     from safetensors.torch import save_file
 
-    torch = r.torch
     for dtype in r.job["dtypes"]:
         model, tc = r.build(dtype, shard)
         if model is not None:
-            model.eval()
-            outputs = {}
-            with torch.no_grad():
-                for set_name, seqs in r.job["prompts"].items():
-                    _, out = r.forward(model, tc, dtype, seqs)
-                    if r.last and r.tp_rank == 0:
-                        outputs[set_name] = torch.log_softmax(out.float(), dim=-1).cpu().contiguous()
+            outputs = _prompt_logprobs(r, model, tc, dtype)
             if outputs:
                 (r.out / dtype).mkdir(parents=True, exist_ok=True)
                 save_file(outputs, str(r.out / dtype / "logprobs.safetensors"))
@@ -144,22 +153,24 @@ def _logprobs(r: Rank, shard) -> None:
         r.dist.barrier()
 
 
-def _train(r: Rank, shard) -> None:
-    from safetensors.torch import save_file
+def _live(model) -> dict:
+    """The rank's live parameters (detached copies, in the dtype it trains in)."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
 
+
+def _fit(r: Rank, model, tc, dtype: str, steps: int, after_first_step=None):
+    """`steps` AdamW steps on the fixed batch; returns (losses, first-step grads). `after_first_step()`
+    runs right after the first update (the train suite judges the weights there)."""
     from ..train_step import IGNORE, OPTIMIZER, loss_sum_and_count, make_batch
 
-    torch, dtype = r.torch, r.job["dtype"]
-    model, tc = r.build(dtype, shard)
-    if model is None:
-        return
+    torch = r.torch
     model.train()
     batch = make_batch(r.job["sequences"])
     total = int((batch["labels"] != IGNORE).sum())
     # AdamW is element-wise, so one optimizer per rank over its own shard equals one over the whole model
     optimizer = torch.optim.AdamW(model.parameters(), **OPTIMIZER)
     losses, grads = [], {}
-    for step in range(r.job["steps"]):
+    for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
         received, out = r.forward(model, tc, dtype, r.job["sequences"])
         loss = None
@@ -173,13 +184,55 @@ def _train(r: Rank, shard) -> None:
             grads = {n: p.grad.detach().float().cpu().clone() for n, p in model.named_parameters()
                      if p.grad is not None}
         optimizer.step()
-        if step == 0:  # judged after the first update (see harness.train_step.first_update_weights)
-            weights = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
+        if step == 0 and after_first_step is not None:
+            after_first_step()
+    return losses, grads
+
+
+def _train(r: Rank, shard) -> None:
+    from safetensors.torch import save_file
+
+    dtype = r.job["dtype"]
+    model, tc = r.build(dtype, shard)
+    if model is None:
+        return
+    weights = {}
+    # judged after the first update (see harness.train_step.first_update_weights)
+    losses, grads = _fit(r, model, tc, dtype, r.job["steps"], lambda: weights.update(
+        {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}))
     save_file(grads, str(r.out / f"grads_{r.tag}.safetensors"))
     save_file(weights, str(r.out / f"weights_{r.tag}.safetensors"))
     if r.last and r.tp_rank == 0:
         (r.out / "losses.json").write_text(json.dumps(losses))
     r.dist.barrier()
+
+
+def _refit_source(r: Rank, shard) -> None:
+    """The trainer side of an RL weight sync: one train step, then what the engine must reproduce.
+
+    Writes the prompt log-probs before and after the step (last stage) and each rank's live
+    parameters after the step (`live_<tag>`), which the backend gathers like ROLL's sync does.
+    job["sync"] == "pre-step" is the planted fault of harness/convert/refit.py: the parameters
+    are captured before the optimizer step (a stale copy synced)."""
+    from safetensors.torch import save_file
+
+    dtype = r.job["dtype"]
+    model, tc = r.build(dtype, shard)
+    if model is None:
+        return
+    before = _prompt_logprobs(r, model, tc, dtype)
+    stale = _live(model) if r.job.get("sync") == "pre-step" else None
+    losses, _ = _fit(r, model, tc, dtype, 1)
+    after = _prompt_logprobs(r, model, tc, dtype)
+    save_file(stale if stale is not None else _live(model), str(r.out / f"live_{r.tag}.safetensors"))
+    if before:
+        save_file(before, str(r.out / "logprobs_pre_step.safetensors"))
+        save_file(after, str(r.out / "logprobs.safetensors"))
+        (r.out / "losses.json").write_text(json.dumps(losses))
+    r.dist.barrier()
+
+
+MODES = {"logprobs": _logprobs, "train": _train, "refit_source": _refit_source}
 
 
 def run_rank(rank: int, world: int, port: int, job_path: str) -> None:
@@ -188,6 +241,6 @@ def run_rank(rank: int, world: int, port: int, job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
     r = Rank(rank, world, port, job)
     shard = load_file(str(Path(job["shard_dir"]) / f"{r.tag}.safetensors"))
-    (_train if job.get("mode") == "train" else _logprobs)(r, shard)
+    MODES[job.get("mode", "logprobs")](r, shard)
     r.dist.barrier()
     r.dist.destroy_process_group()

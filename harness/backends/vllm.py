@@ -30,6 +30,7 @@ MAX_MODEL_LEN = 512
 class VLLMBackend(Backend):
     name = "vllm"
     suites = ("config", "registration", "logits", "refit", "rollout")
+    probe_module = "vllm"
     worker_per_dtype = True
 
     @classmethod
@@ -121,31 +122,46 @@ class VLLMBackend(Backend):
         return {"path": engine_record.save(out_path, self._record(llm, prompts, top_k, max_new_tokens))}
 
     def op_refit(self, dir: str, dtype: str, prompts: dict[str, list[list[int]]], top_k: int,  # noqa: A002
-                 max_new_tokens: int, tp: int, pp: int, out_path: str) -> dict[str, Any]:
-        """Dummy-initialise the live engine's weights, push the trainer's (tp, pp) weights, measure, restore."""
+                 max_new_tokens: int, weights: str, bucket_bytes: int, out_path: str) -> dict[str, Any]:
+        """RL weight sync into the live engine: dummy-initialise its weights, stream the trainer's file
+        (harness/convert/refit.py save_sync_file) in buckets of at most `bucket_bytes` through the
+        in-place reload path, record prompt logprobs, then restore the checkpoint for later checks."""
         from .. import engine_record
-        from ..convert.refit import load_hf_state, trainer_weights
-        from ..spec_plugins import resolve_template
+        from ..convert.refit import bucket_names, load_hf_state, load_sync_file, planted_fault
 
         llm = self._engine(dir, dtype)
-        sent, conversion_problems = trainer_weights(dir, resolve_template(self.spec), tp, pp)
         checkpoint = load_hf_state(dir)
+        sent = load_sync_file(weights)
+        plan = bucket_names([(name, t.numel() * t.element_size()) for name, t in sent.items()], bucket_bytes)
+        fault = planted_fault()
+        dropped = [fault["bucket"]] if fault and fault["kind"] == "drop-bucket" else []
+        arrived = [[(name, sent[name]) for name in names] for i, names in enumerate(plan) if i not in dropped]
+        delivered = {name for bucket in arrived for name, _ in bucket}
         try:
-            self._push(llm, _dummy_like(checkpoint))
+            baseline = self._push(llm, [list(_dummy_like(checkpoint).items())])
             dummy = self._record(llm, prompts, top_k, max_new_tokens)
-            loaded = self._push(llm, sent)
+            loaded = self._push(llm, arrived)
             record = self._record(llm, prompts, top_k, max_new_tokens)
         finally:
             try:  # later checks of this engine must see the checkpoint again, whatever the refit did
-                restored = self._push(llm, checkpoint)
+                restored = self._push(llm, [list(checkpoint.items())])
             except Exception:
                 self._shutdown()  # a half-loaded engine is never reused
                 raise
             if restored["not_loaded"]:
                 self._shutdown()
+        # a layer the full checkpoint itself leaves short (padding) is not the sync's fault
+        partial = {k: v for k, v in loaded["partially_loaded"].items() if k not in baseline["partially_loaded"]}
         return {"path": engine_record.save(out_path, record),
                 "dummy_path": engine_record.save(f"{out_path}.dummy.json", dummy),
-                "sent_tensors": len(sent), **loaded, "conversion_problems": conversion_problems}
+                "bucket_bytes": bucket_bytes,
+                "buckets": [{"tensors": names, "bytes": sum(sent[n].numel() * sent[n].element_size() for n in names)}
+                            for names in plan],
+                "dropped_buckets": dropped, "sent_tensors": len(sent), "delivered_tensors": len(delivered),
+                "undelivered": sorted(set(checkpoint) - delivered),
+                "unexpected": sorted(set(sent) - set(checkpoint)),
+                "loaded": loaded["loaded"], "not_loaded": loaded["not_loaded"], "partially_loaded": partial,
+                "planted_fault": fault["text"] if fault else None}
 
     def op_sample(self, dir: str, dtype: str, cells: list[dict[str, Any]], temperature: float, seed: int,  # noqa: A002
                   out_path: str) -> dict[str, Any]:
@@ -171,9 +187,13 @@ class VLLMBackend(Backend):
 
     # ---- helpers ----
     @staticmethod
-    def _push(llm, state: dict) -> dict[str, Any]:
+    def _push(llm, buckets: list[list[tuple[str, Any]]]) -> dict[str, Any]:
         """The engine's in-place weight reload (vLLM's reload_weights path, which ROLL's weight sync
-        reaches): checkpoint-format tensors in, kernel-format (repacked) parameters out."""
+        reaches): checkpoint-format tensors in, kernel-format (repacked) parameters out. Several
+        buckets go through one reload: vLLM 0.32's layerwise reload buffers each layer's weights
+        across load_weights calls and processes a layer once all its elements arrived (what its own
+        weight-transfer engines do between start_weight_update and finish_weight_update). ROLL's worker
+        also calls load_weights once per bucket (then process_weights_after_loading once)."""
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload.layerwise import (
             finalize_layerwise_reload, initialize_layerwise_reload)
@@ -182,11 +202,14 @@ class VLLMBackend(Backend):
 
         def push(model):
             names = {name for name, _ in model.named_parameters()}
+            loaded: set[str] = set()
             with set_current_vllm_config(engine.vllm_config):
                 initialize_layerwise_reload(model)
-                loaded = set(model.load_weights(iter(state.items())) or ())
+                for bucket in buckets:
+                    loaded |= set(model.load_weights(iter(bucket)) or ())
+                partial = _partially_loaded(model)
                 finalize_layerwise_reload(model, engine.model_config)
-            return {"loaded": len(loaded), "not_loaded": sorted(names - loaded)}
+            return {"loaded": len(loaded), "not_loaded": sorted(names - loaded), "partially_loaded": partial}
 
         result = llm.apply_model(push)[0]
         llm.reset_prefix_cache()
@@ -214,6 +237,27 @@ class VLLMBackend(Backend):
 
 def _dist(step) -> dict[int, float]:
     return {int(token): float(lp.logprob) for token, lp in step.items()}
+
+
+def _partially_loaded(model) -> dict[str, list[int]]:
+    """Layers that received some but not all of their elements in this reload, before it is finalised.
+
+    load_weights names a fused parameter (qkv_proj, gate_up_proj) loaded as soon as one of its parts
+    arrives, so a part lost in a sync hides there; vLLM 0.32's layerwise reload counts each layer's
+    loaded elements (LAYERWISE_INFO), which shows it: {layer: [loaded, total]}. Other vLLM versions
+    without that record: {}."""
+    try:
+        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+    except ImportError:
+        return {}
+    out = {}
+    for name, module in model.named_modules():
+        info = LAYERWISE_INFO.get(module)
+        if info is None or not info.can_load() or not info.load_numel_total:
+            continue
+        if 0 < info.load_numel < info.load_numel_total:
+            out[name] = [int(info.load_numel), int(info.load_numel_total)]
+    return out
 
 
 def _model_facts(model) -> dict[str, Any]:
