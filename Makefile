@@ -7,7 +7,7 @@ ARGS   ?= --alluredir reports/$(MODEL)/allure-results --clean-alluredir
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: certify test setup clean engines-gpu
+.PHONY: certify test setup clean engines-gpu self-test
 setup: $(STAMP)
 
 # torch first, alone: pinned exactly so no other requirement drags in a different build.
@@ -38,6 +38,13 @@ certify: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest tests -n $(JOBS)
+
+# The whole self-test catalogue for the built-in models (the harness's own tests run a fast subset)
+SELFTEST_MODELS ?= qwen2 llama
+self-test: $(STAMP)
+	status=0; for model in $(SELFTEST_MODELS); do \
+	  $(BIN)/python -m harness self-test --model $$model --out reports/selftest/$$model || status=1; \
+	done; exit $$status
 
 clean:
 	rm -rf $(VENV) reports/*/
