@@ -1,4 +1,4 @@
-"""Command line: `python -m harness {schema,validate,list,convert,verify,backends}`."""
+"""Command line: `python -m harness {schema,validate,list,convert,verify,backends,device}`."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,11 @@ SCHEMA_PATH = SPECS_DIR / "spec.schema.json"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["self-test"]:  # its own parser (harness/selftest): the catalogue runner
+        from .selftest import main as self_test
+
+        return self_test(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     schema = sub.add_parser("schema", help="print the spec JSON Schema (or --write it to model_specs/)")
@@ -19,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     validate = sub.add_parser("validate", help="validate spec files, importing their plugins")
     validate.add_argument("specs", nargs="+", type=Path)
     sub.add_parser("list", help="list the models in model_specs/")
+    sub.add_parser("self-test", help="plant the catalogue's bugs in a copy of a model's spec and certify each "
+                                     "(python -m harness self-test --help)")
     convert = sub.add_parser("convert", help="convert a checkpoint HF <-> Megatron-core shards (streaming)",
                              description="Streams tensors one at a time: memory stays near the largest tensor.")
     convert.add_argument("--to", choices=("mcore", "hf"), required=True,
@@ -38,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     backends = sub.add_parser("backends", help="which backends import on this machine, and why not")
     backends.add_argument("--require", default="", metavar="A,B",
                           help="exit 1 naming each of these backends that does not import (CI: what it must run)")
+    device = sub.add_parser("device", help="the device a certification run would use here (--device/CERTIFY_DEVICE, "
+                                           "CERTIFY_GPUS), as the certificate records it")
+    device.add_argument("--device", default=None, choices=("cpu", "cuda"), help="as pytest's --device")
+    device.add_argument("--require-gpus", type=int, default=None, metavar="N",
+                        help="exit 1 unless the run may use N CUDA GPUs (a GPU runner checking its label)")
     args = parser.parse_args(argv)
 
     if args.command == "schema":
@@ -55,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         return verify.run(args)
     if args.command == "backends":
         return _backends([b for b in args.require.split(",") if b.strip()])
+    if args.command == "device":
+        return _device(args.device, args.require_gpus)
     if args.command == "list":
         for name in known_model_names():
             print(name)
@@ -85,6 +99,25 @@ def _backends(required: list[str]) -> int:
     if unknown or missing:
         print(f"required backends missing: {', '.join(missing + [f'{u} (unknown backend)' for u in unknown])}",
               file=sys.stderr)
+        return 1
+    return 0
+
+
+def _device(requested: str | None, require_gpus: int | None) -> int:
+    import json
+
+    from . import device as devices
+
+    try:
+        chosen = devices.select(requested)
+    except devices.DeviceError as exc:
+        print(f"harness device: {exc}", file=sys.stderr)
+        return 4
+    record = devices.record(chosen)
+    print(devices.describe(record))
+    print(json.dumps(record, sort_keys=True))
+    if require_gpus is not None and (not chosen.cuda or chosen.gpus < require_gpus):
+        print(f"harness device: {require_gpus} CUDA GPUs required, {chosen.gpus} usable here", file=sys.stderr)
         return 1
     return 0
 

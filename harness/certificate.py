@@ -139,6 +139,8 @@ def bound_text(key: str, bound: Any) -> str:
 
 
 def render_markdown(cert: dict[str, Any]) -> str:
+    from .device import describe
+
     icon = {"passed": "✅ passed", "failed": "❌ failed", "error": "💥 error", "not_run": "⏭️ not run",
             "not_applicable": "➖ not applicable"}
     lines = [
@@ -148,6 +150,8 @@ def render_markdown(cert: dict[str, Any]) -> str:
         "",
         f"spec sha256 `{cert['spec_sha256'][:16]}…` · {cert['created']}"
         + (f" · reproduce: `{cert['command']}`" if cert.get("command") else ""),
+        "",
+        f"device: {describe(cert.get('device'))}",
         "",
         "| check | status | metrics | tolerance | reason |",
         "|---|---|---|---|---|",

@@ -103,6 +103,20 @@ def parse_rollout_variant(variant: str) -> tuple[str, float]:
     return trainer, float(temperature)
 
 
+def ranks_needed(check: PlannedCheck, spec: Spec) -> int:
+    """How many ranks (on cuda: GPUs, one each) a check's measurement runs: tp*pp at a Megatron layout
+    (refit's trainer too), the world size of a DeepSpeed case, the first layout for a Megatron-scored
+    rollout, else 1 (a single-process worker)."""
+    if check.layout:
+        layout = next((lay for lay in spec.parallel if lay.id == check.layout), None)
+        return layout.tp * layout.pp if layout is not None else 1
+    if check.backend == "deepspeed" and "-ws" in check.variant:
+        return int(check.variant.rpartition("-ws")[2])
+    if check.suite == "rollout" and parse_rollout_variant(check.variant)[0] == "megatron" and spec.parallel:
+        return spec.parallel[0].tp * spec.parallel[0].pp
+    return 1
+
+
 def build_plan(spec: Spec, backends: list[str] | None = None, dtypes: list[str] | None = None) -> list[PlannedCheck]:
     chosen_dtypes = [d for d in spec.dtypes if not dtypes or d in dtypes]
     plan: list[PlannedCheck] = []

@@ -25,6 +25,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="only check these backends (repeatable, or a comma list)")
     group.addoption("--dtype", action="append", default=[], metavar="DTYPE",
                     help="float32 or bfloat16 (default: every dtype the spec lists)")
+    group.addoption("--device", default=None, metavar="cpu|cuda",
+                    help="where the backends compute: cpu (gloo ranks) or cuda (NCCL, one GPU per rank); "
+                         "env form CERTIFY_DEVICE; default: cuda where torch sees a GPU, else cpu. "
+                         "CERTIFY_GPUS=N caps the GPUs a run may use")
     group.addoption("--report-dir", default="reports", metavar="DIR", help="where certificates go (default: reports/)")
     group.addoption("--list-models", action="store_true", help="list the models in model_specs/ and exit")
 
@@ -34,10 +38,15 @@ def _split(values: list[str]) -> list[str]:
 
 
 def _load_session(config: pytest.Config):
+    from . import device as devices
     from .backends import ALL_BACKENDS
     from .session import CertifySession
     from .spec_plugins import validate_environment
 
+    try:
+        device = devices.select(config.option.device)
+    except devices.DeviceError as exc:
+        raise pytest.UsageError(str(exc)) from None
     names, paths = _split(config.option.model), _split(config.option.model_spec)
     backends, dtypes = _split(config.option.backend), _split(config.option.dtype)
     for backend in backends:
@@ -50,7 +59,7 @@ def _load_session(config: pytest.Config):
     check_unique_names(specs)
     for spec in specs:
         validate_environment(spec)
-    return CertifySession(specs, backends, dtypes, config.option.report_dir)
+    return CertifySession(specs, backends, dtypes, config.option.report_dir, device)
 
 
 def pytest_cmdline_main(config: pytest.Config):
@@ -212,7 +221,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 def _model_summary(tr, certify_session, name: str, folder, cert: dict) -> None:
     """One screen per model: verdict, suite x status counts, worker times, where the reports are."""
     colour = {"certified": {"green": True}, "failed": {"red": True}, "incomplete": {"yellow": True}}
+    from .device import describe
+
     tr.write_line(f"{name}: {cert['verdict'].upper()}", bold=True, **colour.get(cert["verdict"], {}))
+    tr.write_line(f"  device: {describe(cert.get('device'))}")
     table: dict[tuple[str, str], dict[str, int]] = {}
     for check in cert["checks"]:
         cell = table.setdefault((check["suite"], check["backend"]), {})

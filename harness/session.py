@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import certificate
+from . import device as devices
 from .backends import backend_class, package_versions
 from .errors import WorkerError
-from .plan import PlannedCheck, build_plan
+from .plan import PlannedCheck, build_plan, ranks_needed
 from .spec import SPECS_DIR, Spec
 from .tolerances import resolve
 from .verdict import Verdict
@@ -24,14 +25,16 @@ from .workers import WorkerPool
 
 class CertifySession:
     def __init__(self, specs: list[Spec], backends: list[str] | None = None, dtypes: list[str] | None = None,
-                 report_dir: str | Path = "reports"):
+                 report_dir: str | Path = "reports", device: devices.Device | None = None):
         self.specs = {spec.name: spec for spec in specs}
+        # where every computing worker operation runs (--device / CERTIFY_DEVICE) and how many GPUs it may use
+        self.device = device or devices.CPU
         self.backends, self.dtypes = backends or [], dtypes or []
         # The plan is always the spec's whole plan, so a filtered run can never certify a model.
         self.plans = {spec.name: build_plan(spec) for spec in specs}
         self.selected = {c.id for spec in specs for c in build_plan(spec, self.backends, self.dtypes)}
         self.report_dir = Path(report_dir)
-        self.pool = WorkerPool()
+        self.pool = WorkerPool(self.device.kind, {"CUDA_VISIBLE_DEVICES": ""} if self.device.hide_gpus else None)
         self.results: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in self.specs}
         self.versions = package_versions()
         self._memo: dict[str, Any] = {}
@@ -49,7 +52,17 @@ class CertifySession:
             return f"no {check.backend!r} backend module in this harness version yet"
         if check.suite not in cls.suites:
             return f"the {check.backend!r} backend does not implement the {check.suite!r} suite yet"
-        return cls.suite_unavailable(check.suite)
+        return cls.suite_unavailable(check.suite) or self.device_unavailable(check, cls)
+
+    def device_unavailable(self, check: PlannedCheck, cls=None) -> str | None:
+        """Why this check cannot run on this run's device: a GPU-scope suite under --device cpu, a backend
+        that cannot compute there, or (cuda) a layout needing more GPUs, one per rank, than this run may use.
+        On cpu gloo ranks are processes: no count limit."""
+        cls = cls or backend_class(check.backend)
+        if not self.device.cuda and check.scope == "gpu":
+            return f"{check.backend}'s {check.suite} suite runs on a CUDA GPU; this run uses --device cpu"
+        reason = cls.device_unavailable(self.device.kind) if cls is not None else None
+        return reason or self.device.short_of(ranks_needed(check, self.specs[check.model]))
 
     # ---- running ----
     def call(self, model: str, backend: str, op: str, **args: Any) -> dict[str, Any]:
@@ -148,9 +161,18 @@ class CertifySession:
             in_repo = spec.source is None or spec.source.parent == SPECS_DIR.resolve()
             command = f"pytest --model {name}" if in_repo else f"pytest --model-spec {spec.source}"
             command += "".join(f" --backend {b}" for b in self.backends) + "".join(f" --dtype {d}" for d in self.dtypes)
+            if self.device.cuda:
+                command += " --device cuda"
             out[name] = certificate.build(name, spec.sha256, dict(sorted(self.versions.items())), rows, command,
-                                          str(spec.source or ""), spec.text)
+                                          str(spec.source or ""), spec.text, device=self.device_record)
         return out
+
+    @property
+    def device_record(self) -> dict[str, Any]:
+        """The certificate's `device` (read once: nvidia-smi is not asked per model)."""
+        if not hasattr(self, "_device_record"):
+            self._device_record = devices.record(self.device)
+        return self._device_record
 
     def write_certificates(self) -> dict[str, tuple[Path, dict[str, Any]]]:
         return {name: (certificate.write(cert, self.report_dir), cert) for name, cert in self.certificates().items()}

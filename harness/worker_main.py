@@ -38,7 +38,7 @@ def main(backend_name: str) -> int:
         try:
             if request["op"] == "__init__":
                 backend = load_backend(backend_name)
-                result = backend.start(request["args"].get("spec_path"))
+                result = backend.start(request["args"].get("spec_path"), request["args"].get("device", "cpu"))
             else:
                 result = backend.handle(request["op"], request["args"])
             reply = {"ok": True, "result": result}

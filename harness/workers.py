@@ -31,8 +31,9 @@ def python_for(backend: str) -> str:
 
 class Worker:
     def __init__(self, backend: str, spec_path: str | None, python: str | None = None,
-                 env: dict[str, str] | None = None, start_timeout: float = 300.0):
+                 env: dict[str, str] | None = None, start_timeout: float = 300.0, device: str = "cpu"):
         self.backend = backend
+        self.device = device  # "cpu" | "cuda": the backend computes there (Backend.start)
         self.python = python or python_for(backend)
         self._log = tempfile.NamedTemporaryFile(prefix=f"harness-{backend}-", suffix=".log", delete=False)
         child_env = {**os.environ, **(env or {})}
@@ -46,7 +47,7 @@ class Worker:
         _LIVE.add(self)
         self.started = time.monotonic()
         try:
-            hello = self.call("__init__", {"spec_path": spec_path}, timeout=start_timeout)
+            hello = self.call("__init__", {"spec_path": spec_path, "device": device}, timeout=start_timeout)
         except BaseException:
             self.close(grace=0)  # a worker that failed to start must not linger (holding memory, GPUs)
             raise
@@ -140,9 +141,10 @@ def _kill_all() -> None:
 
 
 class WorkerPool:
-    """One worker per (backend, spec, instance), started on first use and reused."""
+    """One worker per (backend, spec, instance), started on first use and reused, all on one device."""
 
-    def __init__(self):
+    def __init__(self, device: str = "cpu", env: dict[str, str] | None = None):
+        self.device, self.env = device, env
         self._workers: dict[tuple[str, str, str], Worker] = {}
         self.failed: dict[tuple[str, str, str], WorkerError] = {}
 
@@ -154,7 +156,7 @@ class WorkerPool:
         worker = self._workers.get(key)
         if worker is None or worker.proc.poll() is not None:
             try:
-                worker = Worker(backend, spec_path)
+                worker = Worker(backend, spec_path, env=self.env, device=self.device)
             except WorkerError as exc:
                 self.failed[key] = exc
                 raise

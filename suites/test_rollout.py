@@ -3,7 +3,6 @@ import json
 from pathlib import Path
 
 from fixtures.prompts import prompt_sets
-from harness.backends.base import cuda_visible
 from harness.checks import rollout
 from harness.plan import parse_rollout_variant
 from harness.plugin import conclude
@@ -51,7 +50,7 @@ def test_rollout(check, certify, request):
         ref_dir = certify.reference_dir(check.model, "float32")
         config = json.loads((Path(ref_dir) / "config.json").read_text())
         out = certify.scratch(check.model) / f"{check.backend}-samples-{check.dtype}-t{temperature:g}.json"
-        cells = _cells(spec, config, cuda_visible(check.backend))
+        cells = _cells(spec, config, certify.device.cuda)  # the engine runs where the session's device is
         run = certify.call(check.model, check.backend, "sample", dir=ref_dir, dtype=check.dtype, cells=cells,
                            temperature=temperature, seed=spec.rollout.seed, out_path=str(out))
         payload = json.loads(Path(run["path"]).read_text())

@@ -16,11 +16,13 @@ def _sequences(ref_dir: str) -> list[list[int]]:
     return prompt_sets(vocab)["padded_batch"]
 
 
-def _reference(certify, model: str, dtype: str, warmup: int = 0) -> dict:
+def _reference(certify, model: str, dtype: str, warmup: int = 0, compute_dtype: str | None = None) -> dict:
+    """The reference step in `dtype`'s recipe (bf16: fp32 master weights), computed in compute_dtype (default dtype)."""
     ref_dir = certify.reference_dir(model, "float32")
+    compute = compute_dtype or dtype
     return certify.call(model, "hf", "train_reference", dir=ref_dir, dtype=dtype, sequences=_sequences(ref_dir),
-                        out_dir=str(certify.scratch(model) / f"train-ref-{dtype}-w{warmup}"), steps=STEPS,
-                        warmup_zero_steps=warmup)
+                        out_dir=str(certify.scratch(model) / f"train-ref-{dtype}-{compute}-w{warmup}"), steps=STEPS,
+                        warmup_zero_steps=warmup, compute_dtype=compute)
 
 
 def _run_backend(certify, check) -> dict:
@@ -40,8 +42,11 @@ def _judge(certify, check, result):
         return from_problems(result["load_problems"], {}, {}, what="converted shards that do not load")
     # An optimizer that warms Adam up with zero-gradient steps is emulated in the reference, and said so.
     warmup = int(result.get("optimizer_warmup_steps", 0))
-    reference = _reference(certify, check.model, "float32", warmup)
-    noise = (reference, _reference(certify, check.model, check.dtype, warmup)) if check.dtype != "float32" else None
+    # bf16: HF's emulation of the trainers' recipe (fp32 master weights, bf16 compute); the same recipe
+    # computed in fp32 beside it calibrates the bounds (what bf16 rounding does to it)
+    reference = _reference(certify, check.model, check.dtype, warmup)
+    noise = (reference, _reference(certify, check.model, check.dtype, warmup, compute_dtype="float32")) \
+        if check.dtype != "float32" else None
     where = " ".join(p for p in (check.variant, check.layout, check.dtype) if p)
     verdict = train.evaluate(reference, result, check.dtype, certify.specs[check.model].tolerances, where, noise)
     if warmup:

@@ -24,6 +24,10 @@ class SleepyBackend(Backend):
     def op_echo(self, value=None) -> dict:
         return {"value": value, "pid": os.getpid()}
 
+    def op_device(self) -> dict:
+        """The device the worker was started for (Backend.start's `device`, sent by the parent)."""
+        return {"device": self.device, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
     def op_spawn(self) -> dict:
         """Start a long-lived grandchild and return its pid (used to check close() reaps it)."""
         child = subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL)

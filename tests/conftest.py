@@ -87,6 +87,9 @@ def run_certify(tmp_path):
     def _run(*args: str, timeout: float = 600, cwd: Path = REPO) -> CertifyRun:
         report_dir = tmp_path / "reports"
         env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        # the harness's own expectations are CPU ones (gloo ranks, CPU tolerances): a GPU machine runs them on
+        # the CPU too unless CERTIFY_DEVICE says otherwise (tests/test_device.py covers the device choice)
+        env.setdefault("CERTIFY_DEVICE", "cpu")
         env.pop("PYTEST_XDIST_WORKER", None)
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--report-dir", str(report_dir), *args]
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -33,19 +33,28 @@ def _spec(tmp: Path, plugin: str | None, tied: bool = False, **changes) -> Path:
     return path
 
 
-def _run(tmp: Path, spec_path: Path, backend: str, **args):
-    """Reference and backend train results for one spec (fresh workers: plugins are per spec)."""
+def _run(tmp: Path, spec_path: Path, backend: str, dtype: str = "float32", **args):
+    """Reference and backend train results for one spec (fresh workers: plugins are per spec), judged as
+    the train suite judges them (bf16: against HF's emulation of the mixed-precision recipe, bounds
+    calibrated on the same recipe computed in fp32)."""
     data = yaml.safe_load(spec_path.read_text())
     hf, worker = Worker("hf", str(spec_path)), Worker(backend, str(spec_path))
     try:
         ref_dir = hf.call("materialize", {"model_type": data["hf_model_type"], "overrides": data["reference"]["config"],
                                           "seed": 0, "dtype": "float32", "path": None})["dir"]
         seqs = prompt_sets(data["reference"]["config"]["vocab_size"])["padded_batch"]
-        ref = hf.call("train_reference", {"dir": ref_dir, "dtype": "float32", "sequences": seqs,
-                                          "out_dir": str(tmp / "ref"), "steps": STEPS})
-        got = worker.call("train", {"dir": ref_dir, "dtype": "float32", "sequences": seqs, "steps": STEPS,
+
+        def reference(compute_dtype: str):
+            return hf.call("train_reference", {"dir": ref_dir, "dtype": dtype, "sequences": seqs, "steps": STEPS,
+                                               "out_dir": str(tmp / f"ref-{compute_dtype}"),
+                                               "compute_dtype": compute_dtype})
+
+        ref = reference(dtype)
+        got = worker.call("train", {"dir": ref_dir, "dtype": dtype, "sequences": seqs, "steps": STEPS,
                                     "out_dir": str(tmp / "backend"), **args}, timeout=600)
-        return train.judge(train.measure(ref, got), TOLERANCE, f"{backend} float32")
+        if dtype == "float32":
+            return train.judge(train.measure(ref, got), TOLERANCE, f"{backend} float32")
+        return train.evaluate(ref, got, dtype, {}, f"{backend} {dtype}", (ref, reference("float32")))
     finally:
         hf.close()
         worker.close()
@@ -81,3 +90,27 @@ def test_reverse_only_gate_up_swap_fails_the_megatron_train_step(tmp_path):
     verdict = _run(tmp_path, spec, "megatron", tp=1, pp=1, template="qwen2-swap-back")
     assert verdict.status == "failed"
     assert "gate_proj.weight" in verdict.reason and "up_proj.weight" in verdict.reason
+
+
+@pytest.mark.skipif(needs["megatron"], reason="megatron-core not installed")
+@pytest.mark.parametrize("plugin, expected, absent", [
+    (None, None, None),  # the correct template: the bf16 bounds are not what fails the planted bugs
+    # one parameter group (biases, norm weights) skipped in the first step: only the weights show it
+    ("mcore_skipped_step.py", "weight after the first update of", ("loss differs", "first-step gradient")),
+    # the batch gradient divided by the micro-batch count once too often: only the gradients show it
+    ("mcore_loss_scale.py", "first-step gradient of model.embed_tokens.weight",
+     ("loss differs", "weight after the first update")),
+])
+def test_megatron_bf16_planted_bug_fails(tmp_path, plugin, expected, absent):
+    """bf16 with fp32 main weights, judged against HF's emulation of that recipe (bounds: 4 x its bf16
+    rounding; weights both sides step the same way: 1e-5). The skipped parameter group passed
+    the old bf16 bound (vs fp32, 2 x pure-bf16 noise: loss 0.021 < 0.030, weights 4.9e-3 < 9.7e-3); its
+    weights now fail, 1.0e-3 > 1e-5. The loss scale failed the old bound too (gradients 0.18 > 0.018)."""
+    verdict = _run(tmp_path, _spec(tmp_path, plugin), "megatron", dtype="bfloat16", tp=1, pp=1)
+    if plugin is None:
+        assert verdict.status == "passed", verdict.reason
+        return
+    assert verdict.status == "failed"
+    assert expected in verdict.reason and not any(a in verdict.reason for a in absent), verdict.reason
+    if plugin == "mcore_skipped_step.py":
+        assert verdict.metrics["worst_weight"].endswith(("norm.weight", "bias")), verdict.metrics["worst_weight"]

@@ -130,6 +130,16 @@ def test_gpu_matrix():
     assert job["runs-on"] == ["self-hosted", "${{ matrix.label }}"]
     assert job["env"]["CERTIFY_DEVICE"] == "cuda" and "matrix.gpus" in job["env"]["CERTIFY_GPUS"]
     assert "make certify MODEL=" in _runs(wf)
+    # each runner's GPU count reaches the harness (CERTIFY_GPUS, read by harness.device.select) ...
+    counts = {entry["label"]: entry["gpus"] for entry in job["strategy"]["matrix"]["include"]}
+    assert counts == {"gpu-1": 1, "gpu-2": 2, "gpu-8": 8}
+    assert job["env"]["CERTIFY_GPUS"] == "${{ matrix.gpus }}"
+    # ... the runner proves it has them before certifying, and nothing overrides CERTIFY_DEVICE=cuda
+    runs = _runs(wf)
+    check = runs.find('-m harness device --require-gpus "$CERTIFY_GPUS"')
+    assert -1 < check < runs.find("make certify MODEL="), runs
+    assert "--device cpu" not in runs and "CERTIFY_DEVICE" not in "".join(
+        str(s.get("env", {})) for _j, s in _steps(wf))
     assert any(s.get("uses", "").startswith("actions/upload-artifact@") for _j, s in _steps(wf))
     # actionlint knows these self-hosted labels
     config = yaml.safe_load(ACTIONLINT_CONFIG.read_text())

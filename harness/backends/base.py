@@ -115,6 +115,7 @@ class Backend:
     probe_module: ClassVar[str | None] = None  # what must import for the backend to work (`harness backends`)
     # dtype -> why the combination cannot exist by design (not_applicable: no machine would run it)
     not_applicable_dtypes: ClassVar[dict[str, str]] = {}
+    device: str = "cpu"  # the session's --device, set by start() in the worker
 
     @classmethod
     def scope(cls, suite: str) -> str:
@@ -160,9 +161,21 @@ class Backend:
             return f"{cls.name}'s {suite} suite runs on a CUDA GPU; none is visible on this machine"
         return reason
 
+    @classmethod
+    def device_unavailable(cls, device: str) -> str | None:
+        """Why this backend cannot compute on `device` ("cpu" | "cuda") here; None when it can.
+
+        On cuda the interpreter the backend's worker runs in must see a GPU (HARNESS_PYTHON_<BACKEND>
+        may point at a CPU-only one): otherwise its checks would silently run on the CPU."""
+        if device == "cuda" and not cuda_visible(cls.name):
+            where = _interpreter(cls.name) or "this interpreter"
+            return f"--device cuda, but torch in {where} sees no CUDA GPU ({cls.name} would run on the CPU)"
+        return None
+
     # ---- worker side ----
-    def start(self, spec_path: str | None) -> dict[str, Any]:
+    def start(self, spec_path: str | None, device: str = "cpu") -> dict[str, Any]:
         self.spec = None
+        self.device = device  # "cpu" | "cuda": where every computing operation runs (the session's --device)
         if spec_path:
             from ..spec import load_spec
             from ..spec_plugins import import_engine_plugins, import_spec_plugins

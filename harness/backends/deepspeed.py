@@ -3,7 +3,8 @@
 Every case (ZeRO stage x dtype x world size) runs in fresh processes: DeepSpeed keeps global
 state and, under ZeRO-3, patches torch functions. deepspeed 0.19.8 on CPU needs
 DS_ACCELERATOR=cpu and gloo; its first run JIT-builds a comm op into TORCH_EXTENSIONS_DIR
-(~150 s cold, cached afterwards).
+(~150 s cold, cached afterwards). With --device cuda each rank runs DS_ACCELERATOR=cuda and
+NCCL on its own GPU (LOCAL_RANK; the engine places the module there).
 """
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ from typing import Any
 from .base import Backend, spawn_ranks
 
 
+def accelerator_for(device: str) -> str:
+    """DS_ACCELERATOR for the session's device: DeepSpeed's cpu accelerator (gloo) or its cuda one (NCCL)."""
+    return "cuda" if device == "cuda" else "cpu"
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
     suites = ("train", "logits")
@@ -23,12 +29,14 @@ class DeepSpeedBackend(Backend):
     packages = ("torch", "deepspeed")
 
     def setup(self) -> None:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # the ranks set it from the job's device; this is for anything importing deepspeed in the worker
+        os.environ["DS_ACCELERATOR"] = accelerator_for(self.device)
 
     def _spawn(self, job: dict[str, Any], world: int) -> None:
         from .deepspeed_ranks import run_rank
 
-        job = {**job, "spec_path": str(self.spec.source) if self.spec and self.spec.source else None}
+        job = {**job, "spec_path": str(self.spec.source) if self.spec and self.spec.source else None,
+               "device": self.device}
         with tempfile.TemporaryDirectory(prefix="harness-ds-") as tmp:
             job_path = f"{tmp}/job.json"
             Path(job_path).write_text(json.dumps(job))

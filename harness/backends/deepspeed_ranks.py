@@ -1,4 +1,4 @@
-"""One rank of a DeepSpeed case (spawned by the DeepSpeed backend; gloo on CPU)."""
+"""One rank of a DeepSpeed case (spawned by the DeepSpeed backend; gloo on CPU, NCCL + one GPU per rank on cuda)."""
 from __future__ import annotations
 
 import json
@@ -50,13 +50,22 @@ def run_rank(rank: int, world: int, port: int, job_path: str) -> None:
         from ..spec_plugins import import_spec_plugins
 
         import_spec_plugins(load_spec(job["spec_path"]))
-    os.environ.update(DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from .deepspeed import accelerator_for
+    from .rank_setup import init_rank
+
+    device = job.get("device", "cpu")
+    os.environ["DS_ACCELERATOR"] = accelerator_for(device)  # read when deepspeed is first imported
+
+    def init_distributed(backend: str) -> None:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend)  # reads RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*
+
+    init_rank(rank, world, port, device, init=init_distributed)
     import deepspeed
     import torch
     import torch.distributed as dist
 
-    deepspeed.init_distributed(dist_backend="gloo")
     model = provide_model(job["dir"])
     engine, *_ = deepspeed.initialize(model=model, config=_config(job["stage"], job["dtype"]),
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
@@ -75,7 +84,7 @@ def _train(engine, job, rank, world, torch, dist) -> None:
 
     batch = trainer_batch(job["sequences"])
     total = int((batch["labels"] != IGNORE).sum())
-    mine = {k: v[rank::world] for k, v in batch.items()}  # this data-parallel rank's rows
+    mine = _placed({k: v[rank::world] for k, v in batch.items()}, engine)  # this data-parallel rank's rows
     losses, grads, warmup = [], {}, 0
     for step in range(job["steps"]):
         logits = engine(input_ids=mine["input_ids"], attention_mask=mine["attention_mask"]).logits
@@ -92,9 +101,10 @@ def _train(engine, job, rank, world, torch, dist) -> None:
         engine.step()
         if step == 0:
             warmup = _optimizer_steps(engine) - 1
-            weights = {}
+            weights, unfused = {}, _unfused_masters(engine)
             for name, param in engine.module.named_parameters():
                 full = safe_get_full_fp32_param(param)  # None for plain ZeRO-0 fp32: the param is the master copy
+                full = unfused.get(id(param)) if full is None else full
                 weights[name] = (param if full is None else full).detach().float().clone()
     if rank == 0:
         out = Path(job["out_dir"])
@@ -104,6 +114,28 @@ def _train(engine, job, rank, world, torch, dist) -> None:
         (out / "result.json").write_text(json.dumps({"losses": losses, "grads": str(out / "grads.safetensors"),
                                                      "weights": str(out / "weights.safetensors"),
                                                      "optimizer_warmup_steps": warmup}))
+
+
+def _placed(batch: dict, engine) -> dict:
+    """The batch on the engine's device (unchanged on cpu)."""
+    device = getattr(engine, "device", None)
+    if device is None or str(device) == "cpu":
+        return batch
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _unfused_masters(engine) -> dict:
+    """id(model parameter) -> the fp32 master weight FP16_UnfusedOptimizer keeps for it.
+
+    deepspeed 0.19.8 ZeRO-0 + bf16 updates fp32 copies (fp32_groups, cloned from the bf16 module) and
+    copies them back into the bf16 parameters; safe_get_full_fp32_param does not know them (None),
+    and the bf16 parameter would show the master's update rounded to bf16."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(engine.optimizer, FP16_UnfusedOptimizer):
+        return {}
+    return {id(low): high for lows, highs in zip(engine.optimizer.fp16_groups, engine.optimizer.fp32_groups)
+            for low, high in zip(lows, highs)}
 
 
 def _optimizer_steps(engine) -> int:
@@ -131,9 +163,9 @@ def _infer(engine, job, rank, world, torch, dist) -> None:
             batch = make_batch(seqs)  # the global padding, so every rank's rows have the same length
             rows = list(range(rank, len(seqs), world))
             # ZeRO-3 gathers parameters collectively: a rank without rows still runs (row 0) and drops it
-            mine = {k: v[rows or [0]] for k, v in batch.items()}
+            mine = _placed({k: v[rows or [0]] for k, v in batch.items()}, engine)
             logits = engine(input_ids=mine["input_ids"], attention_mask=mine["attention_mask"]).logits
-            part = torch.log_softmax(logits.float(), dim=-1).contiguous() if rows else None
+            part = torch.log_softmax(logits.float(), dim=-1).cpu().contiguous() if rows else None
             parts = [None] * world if rank == 0 else None
             dist.gather_object((rows, part), parts, dst=0)
             if rank == 0:

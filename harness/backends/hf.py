@@ -2,6 +2,9 @@
 
 Operations: materialize the reference checkpoint; load it the way ROLL's
 model providers do (AutoModelForCausalLM.from_pretrained); save->load identity.
+The reference forwards and the reference train step run on the session's device (model and
+batch moved there; `--device cuda`: GPU 0 of the worker); the checkpoint is always built, loaded
+and compared on the CPU, so its bytes never depend on the device.
 """
 from __future__ import annotations
 
@@ -28,6 +31,24 @@ class HFBackend(Backend):
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype), output_loading_info=True)
+
+    def _compute_model(self, directory: str, dtype: str):
+        """The model for a computing operation, on the session's device (cuda: the worker's first GPU)."""
+        model, _ = self._load(directory, dtype)
+        return model.to(self._torch_device()) if self._cuda else model
+
+    @property
+    def _cuda(self) -> bool:
+        return getattr(self, "device", "cpu") == "cuda"
+
+    def _torch_device(self):
+        import torch
+
+        return torch.device("cuda", 0) if self._cuda else torch.device("cpu")
+
+    def _on_device(self, batch: dict):
+        """The batch where the model is (unchanged on cpu)."""
+        return {k: v.to(self._torch_device()) for k, v in batch.items()} if self._cuda else batch
 
     def op_load(self, dir: str, dtype: str) -> dict[str, Any]:  # noqa: A002 - wire name
         from transformers import PreTrainedModel
@@ -66,16 +87,16 @@ class HFBackend(Backend):
         import torch
         from safetensors.torch import save_file
 
-        model, _ = self._load(dir, dtype)
+        model = self._compute_model(dir, dtype)
         model.eval()
         from ..train_step import make_batch
 
         outputs = {}
         with torch.no_grad():
             for name, seqs in prompts.items():
-                batch = make_batch(seqs)  # the same right padding every backend gets
+                batch = self._on_device(make_batch(seqs))  # the same right padding every backend gets
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                outputs[name] = torch.log_softmax(logits.float(), dim=-1).contiguous()
+                outputs[name] = torch.log_softmax(logits.float(), dim=-1).cpu().contiguous()
         save_file(outputs, out_path)
         return {"path": out_path}
 
@@ -89,30 +110,39 @@ class HFBackend(Backend):
         import torch
         from safetensors.torch import save_file
 
-        model, _ = self._load(dir, dtype)
+        model = self._compute_model(dir, dtype)
         model.eval()
+        device = self._torch_device()
         tensors = {}
         with torch.no_grad():
             for name, seqs in prompts.items():
                 for i, seq in enumerate(seqs):
                     tokens = list(seq)
                     for _ in range(max_new_tokens):  # no KV cache: every step recomputes, like a scorer
-                        logits = model(input_ids=torch.tensor([tokens])).logits[0, -1]
+                        logits = model(input_ids=torch.tensor([tokens], device=device)).logits[0, -1]
                         tokens.append(int(logits.float().argmax()))
-                    logits = model(input_ids=torch.tensor([tokens])).logits[0]
-                    tensors[f"{name}/{i}"] = torch.log_softmax(logits.float(), dim=-1).contiguous()
+                    logits = model(input_ids=torch.tensor([tokens], device=device)).logits[0]
+                    tensors[f"{name}/{i}"] = torch.log_softmax(logits.float(), dim=-1).cpu().contiguous()
                     tensors[f"{name}/{i}/generated"] = torch.tensor(tokens[len(seq):], dtype=torch.int64)
         save_file(tensors, out_path)
         return {"path": out_path}
 
     def op_train_reference(self, dir: str, dtype: str, sequences: list[list[int]], out_dir: str,  # noqa: A002
-                           steps: int, warmup_zero_steps: int = 0) -> dict[str, Any]:
-        """The plain-torch reference train step (AdamW), saved for the train-step checks."""
+                           steps: int, warmup_zero_steps: int = 0, compute_dtype: str | None = None) -> dict[str, Any]:
+        """The plain-torch reference train step (AdamW), saved for the train-step checks.
+
+        The checkpoint is loaded in fp32 (AdamW's master weights); dtype bfloat16 runs the trainers'
+        mixed-precision recipe on it (harness.train_step.reference_step), compute_dtype float32 the
+        same recipe with forward and backward in fp32."""
+        import torch
+
         from ..train_step import make_batch, reference_step, save_train_result
 
-        torch_model, _ = self._load(dir, dtype)
+        torch_model = self._compute_model(dir, "float32")
         torch_model.train()
-        result = reference_step(torch_model, make_batch(sequences), steps, warmup_zero_steps)
+        result = reference_step(torch_model, self._on_device(make_batch(sequences)), steps, warmup_zero_steps,
+                                dtype=getattr(torch, dtype),
+                                compute_dtype=getattr(torch, compute_dtype) if compute_dtype else None)
         return save_train_result(result, out_dir)
 
 

@@ -7,9 +7,13 @@ step at a (tp, pp) layout, and the trainer side of a weight sync (refit_source).
 megatron-core 0.16.1 on CPU (Python 3.11) needs: gloo, use_cpu_initialization,
 every fusion off, and the RNG tracker initialised without the CUDA seeding
 helper (it asserts on CPU). Newer megatron-core on GPU takes the same code.
+With --device cuda the tp*pp ranks run NCCL, one GPU each (parameters built on
+it, fusions as the template sets them); config and round-trip stay on the CPU
+(they compute nothing numeric).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -47,6 +51,71 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return str(getattr(value, "__name__", value))
+
+
+# megatron-core 0.16.1, the training path on CPU: the pipeline schedules, the mixed-precision
+# optimizer and the grad-norm code allocate small bookkeeping tensors with a literal device="cuda"
+# (total_num_tokens, _scale_one, the norm buffers), and DistributedOptimizer sorts parameters into
+# fp32 / fp16-bf16 groups by their CUDA type name ("torch.cuda.BFloat16Tensor"). On CPU those
+# modules get a torch whose tensor factories put "cuda" on the CPU (cpu_training_compat), and the
+# optimizer is built while CPU tensors report CUDA type names (cuda_type_names). Nothing numeric changes.
+CUDA_LITERAL_MODULES = ("megatron.core.pipeline_parallel.schedules", "megatron.core.optimizer.optimizer",
+                        "megatron.core.optimizer.clip_grads", "megatron.core.utils")
+_FACTORIES = ("zeros", "ones", "empty", "full", "tensor")
+
+
+class _CpuFactories:
+    """`torch` as one module sees it: tensor factories asked for device "cuda" allocate on the CPU."""
+
+    def __init__(self, torch):
+        self._torch = torch
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._torch, name)
+        if name not in _FACTORIES:
+            return attr
+
+        def factory(*args, **kwargs):
+            if str(kwargs.get("device", "")).startswith("cuda"):
+                kwargs["device"] = "cpu"
+            return attr(*args, **kwargs)
+
+        return factory
+
+
+def cpu_training_compat() -> None:
+    """Let megatron-core's schedules, DistributedOptimizer and grad norm run on CPU (see above)."""
+    import importlib
+
+    import torch
+
+    for name in CUDA_LITERAL_MODULES:
+        module = importlib.import_module(name)
+        if not isinstance(module.torch, _CpuFactories):
+            module.torch = _CpuFactories(torch)
+
+
+@contextlib.contextmanager
+def cuda_type_names():
+    """While building megatron-core's optimizer on CPU: tensor.type() spells the CUDA type name."""
+    import torch
+
+    own = torch.Tensor.__dict__.get("type")
+    real = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return real(self).replace("torch.", "torch.cuda.", 1)
+        return real(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        if own is None:
+            del torch.Tensor.type
+        else:
+            torch.Tensor.type = own
 
 
 def build_transformer_config(tc_kwargs: dict[str, Any], dtype: str = "float32", cpu: bool = True):
@@ -148,7 +217,11 @@ class MegatronBackend(Backend):
         with tempfile.TemporaryDirectory(prefix="harness-mcore-") as tmp:
             for (p, t), shard in dist.shard(mca_state, layout).items():
                 save_file(shard, f"{tmp}/pp{p}_tp{t}.safetensors")
-            job = {**job, "tp": tp, "pp": pp, "shard_dir": tmp, "tied": layout.tied,
+            # device: gloo ranks on cpu; on cuda NCCL, one GPU per rank (megatron_ranks.setup_group)
+            # spec_path: the ranks import the spec's plugins (a trainer-side seam replaced there, as for DeepSpeed)
+            spec_path = str(self.spec.source) if getattr(self, "spec", None) and self.spec.source else None
+            job = {**job, "tp": tp, "pp": pp, "shard_dir": tmp, "tied": layout.tied, "device": self.device,
+                   "spec_path": spec_path,
                    "mca_kwargs": view.transformer_config_kwargs(), "gpt_kwargs": view.gpt_model_kwargs()}
             Path(f"{tmp}/job.json").write_text(json.dumps(job, default=str))
             spawn_ranks(run_rank, tp * pp, f"{tmp}/job.json")

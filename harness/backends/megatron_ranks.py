@@ -6,11 +6,15 @@ shapes the converter got wrong are reported, named), then either runs the prompt
 "train": loss per step, first-step gradients and updated weights per rank), or is the source of
 a weight sync (mode "refit_source": log-probs before and after one train step, and the live
 post-step parameters of every rank, which the backend gathers and converts as ROLL's sync does).
-Hidden states and their gradients travel between pipeline stages with send/recv, one micro-batch
-at a time.
+Training runs megatron-core's own stack: DistributedDataParallel + DistributedOptimizer (fp32 main
+weights and gradients), the forward-backward schedule of get_forward_backward_func over
+MICROBATCHES micro-batches (1F1B across pipeline stages; megatron-core all-reduces tied embedding
+gradients between first and last stage) and vocab-parallel cross-entropy. The evaluation forwards
+(log-probs) pass hidden states between stages with send/recv, one prompt set at a time.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -42,8 +46,27 @@ def _load(model, state, where: str) -> list[str]:
     return problems
 
 
+def setup_group(rank: int, world: int, port: int, job: dict):
+    """The rank's process group and device (harness.backends.rank_setup: gloo on cpu; NCCL with one GPU
+    per rank, torch.cuda.set_device(local rank), on cuda), then megatron-core's parallel state."""
+    import torch
+
+    from .rank_setup import init_rank
+
+    placement = init_rank(rank, world, port, job.get("device", "cpu"))
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    ps.initialize_model_parallel(job["tp"], job["pp"])
+    tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    if not placement.cuda:
+        # megatron-core 0.16 asks torch.cuda.current_device() in RoPE and the attention buffer
+        torch.cuda.current_device = lambda: torch.device("cpu")
+    return placement
+
+
 class Rank:
-    """Process-group setup and the pipeline plumbing shared by both modes."""
+    """Process-group setup, building the stage, and the evaluation forward's pipeline plumbing."""
 
     def __init__(self, rank: int, world: int, port: int, job: dict):
         import torch
@@ -51,21 +74,11 @@ class Rank:
 
         self.job, self.torch, self.dist = job, torch, dist
         self.tp, self.pp = job["tp"], job["pp"]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-        self.cuda = torch.cuda.is_available() and job.get("device", "cpu") == "cuda"
-        if self.cuda:
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-        dist.init_process_group("nccl" if self.cuda else "gloo", rank=rank, world_size=world)
+        placement = setup_group(rank, world, port, job)
+        self.cuda, self.device = placement.cuda, placement.device
         from megatron.core import parallel_state as ps
-        from megatron.core import tensor_parallel
 
-        ps.initialize_model_parallel(self.tp, self.pp)
-        tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
-        if not self.cuda:
-            # megatron-core 0.16 asks torch.cuda.current_device() in RoPE and the attention buffer
-            torch.cuda.current_device = lambda: torch.device("cpu")
         self.ps = ps
-        self.device = torch.device("cuda" if self.cuda else "cpu")
         self.pp_rank, self.tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
         self.first, self.last = self.pp_rank == 0, self.pp_rank == self.pp - 1
         self.tag = f"pp{self.pp_rank}_tp{self.tp_rank}"
@@ -107,24 +120,6 @@ class Rank:
             self.dist.send(out.detach().contiguous(), dst=self.ps.get_pipeline_model_parallel_next_rank())
         return received, out
 
-    def backward(self, received, out, loss=None):
-        """Backward through this stage: from the loss on the last stage, else from the next stage's gradient."""
-        if self.last:
-            loss.backward()
-        else:
-            grad = self.torch.empty_like(out)
-            self.dist.recv(grad, src=self.ps.get_pipeline_model_parallel_next_rank())
-            out.backward(grad)
-        if received is not None:
-            self.dist.send(received.grad.contiguous(), dst=self.ps.get_pipeline_model_parallel_prev_rank())
-
-    def sync_tied_embedding_grads(self, model) -> None:
-        """With tied embeddings split over stages, first and last stage each hold a copy: sum their grads."""
-        if not self.job["tied"] or self.pp == 1 or not (self.first or self.last):
-            return
-        weight = model.embedding.word_embeddings.weight if self.first else model.output_layer.weight
-        self.dist.all_reduce(weight.grad, group=self.ps.get_embedding_group())
-
 
 def _prompt_logprobs(r: Rank, model, tc, dtype: str) -> dict:
     """Full-vocabulary log-probs per prompt set (eval, no grad); filled on the last stage's tp rank 0."""
@@ -158,32 +153,131 @@ def _live(model) -> dict:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
 
 
-def _fit(r: Rank, model, tc, dtype: str, steps: int, after_first_step=None):
-    """`steps` AdamW steps on the fixed batch; returns (losses, first-step grads). `after_first_step()`
-    runs right after the first update (the train suite judges the weights there)."""
-    from ..train_step import IGNORE, OPTIMIZER, loss_sum_and_count, make_batch
+# ---- seams: the trainer-side steps ROLL's megatron_train performs, one function each ----
+# (a test plugin replaces one inside the rank processes, as tests/data/train_bugs do for DeepSpeed)
+def microbatch_loss(loss_sum, num_tokens, num_microbatches: int):
+    """What the loss function hands megatron-core's schedule for one micro-batch: (loss, num_tokens).
+
+    With calculate_per_token_loss the schedule neither divides by the token count nor by the
+    number of micro-batches; finalize_model_grads divides every gradient by the tokens of the whole
+    batch (summed over micro-batches, broadcast over the pipeline), so the gradient is that of the
+    token mean over the whole batch, as the reference computes it."""
+    return loss_sum, num_tokens
+
+
+def optimizer_step(optimizer, step: int) -> bool:
+    """One megatron-core optimizer step (DistributedOptimizer); returns whether it updated."""
+    update_successful, _grad_norm, _zeros = optimizer.step()
+    return update_successful
+
+
+def _megatron_trainer(r: Rank, model, dtype: str):
+    """megatron-core's own training stack around the built stage: DistributedDataParallel with a
+    contiguous fp32 gradient buffer (main_grad) and the DistributedOptimizer holding fp32 main
+    weights (bf16: the model's parameters are the bf16 copy), with the reference's AdamW
+    hyper-parameters. Returns (ddp model, optimizer)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from ..train_step import OPTIMIZER
+    from .megatron import cpu_training_compat, cuda_type_names
 
     torch = r.torch
-    model.train()
-    batch = make_batch(r.job["sequences"])
-    total = int((batch["labels"] != IGNORE).sum())
-    # AdamW is element-wise, so one optimizer per rank over its own shard equals one over the whole model
-    optimizer = torch.optim.AdamW(model.parameters(), **OPTIMIZER)
+    if not r.cuda:
+        cpu_training_compat()
+    bf16 = dtype == "bfloat16"
+    config = model.config
+    config.calculate_per_token_loss = True  # loss = token mean over the whole batch (microbatch_loss)
+    config.batch_p2p_sync = False  # the batched p2p path calls torch.cuda.synchronize() otherwise
+    # Megatron-LM with --bf16 accumulates and reduces gradients in fp32 (main_grad)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               overlap_param_gather=False, use_distributed_optimizer=True)
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=OPTIMIZER["lr"], weight_decay=OPTIMIZER["weight_decay"],
+        adam_beta1=OPTIMIZER["betas"][0], adam_beta2=OPTIMIZER["betas"][1], adam_eps=OPTIMIZER["eps"],
+        bf16=bf16, params_dtype=getattr(torch, dtype), use_distributed_optimizer=True,
+        clip_grad=0.0,  # the reference does not clip (megatron-core's default is 1.0)
+        log_num_zeros_in_grad=False)
+    # config_overrides={}: every parameter in one group with the reference's weight decay (the
+    # standard overrides would put biases and norms in a no-weight-decay group)
+    with cuda_type_names() if not r.cuda else contextlib.nullcontext():
+        optimizer = get_megatron_optimizer(opt_config, [ddp], config_overrides={})
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss  # 1 in bf16 and fp32 (no loss scaler)
+    return ddp, optimizer
+
+
+def _main_weights(model) -> dict:
+    """Each parameter's fp32 main weight after the optimizer step (the DistributedOptimizer's master
+    copy in bf16; in fp32 the parameter is its own main weight)."""
+    weights = {}
+    for name, param in model.named_parameters():
+        main = getattr(param, "main_param", None)
+        if main is not None:
+            assert main.numel() == param.numel(), f"{name}: main weight sharded over data-parallel ranks"
+            main = main.view(param.shape)
+        weights[name] = (param if main is None else main).detach().float().cpu().clone()
+    return weights
+
+
+def _fit(r: Rank, model, tc, dtype: str, steps: int, after_first_step=None):
+    """`steps` megatron-core train steps on the fixed batch; returns (losses, first-step grads).
+
+    Each step: zero the gradient buffer, megatron-core's forward-backward schedule over
+    MICROBATCHES micro-batches (1F1B across pipeline stages), vocab-parallel cross-entropy on the
+    TP-sharded logits, then the DistributedOptimizer's step. `after_first_step()` runs right after
+    the first update (the train suite judges the weights there)."""
+    from megatron.core import tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from ..train_step import IGNORE, MICROBATCHES, make_batch
+
+    torch = r.torch
+    ddp, optimizer = _megatron_trainer(r, model, dtype)
+    ddp.train()
+    seqs = r.job["sequences"]
+    ids, positions, mask = (t.to(r.device) for t in _causal_batch(seqs))
+    labels = make_batch(seqs)["labels"].to(r.device)
+    loss_mask = labels != IGNORE
+    targets = labels.masked_fill(~loss_mask, 0)  # any id: masked positions are multiplied by 0
+    rows = torch.arange(len(seqs), device=r.device).tensor_split(MICROBATCHES)
+    if len({len(part) for part in rows}) != 1:
+        raise ValueError(f"{len(seqs)} sequences do not split into {MICROBATCHES} equal micro-batches")
+
+    def forward_step(data_iterator, stage):
+        part = next(data_iterator)
+        # parallel_output: this TP rank's slice of the vocabulary (the last stage's logits)
+        output = stage(ids[part], positions[part], mask[part], runtime_gather_output=False)
+
+        def loss_func(logits):
+            # vocab_parallel_cross_entropy modifies its input in place (as in megatron-core's own GPT
+            # loss): nothing else reads these logits and no backward needs them (bf16: .float() copies)
+            per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets[part])
+            loss_sum = (per_token * loss_mask[part]).sum()
+            num_tokens = loss_mask[part].sum().to(torch.int)
+            loss, tokens = microbatch_loss(loss_sum, num_tokens, MICROBATCHES)
+            # what Megatron-LM logs: the micro-batch's loss sum and token count, reduced per step
+            return loss, tokens, {"lm loss": torch.stack([loss_sum.detach().clone(), num_tokens.float()])}
+
+        return output, loss_func
+
+    schedule = get_forward_backward_func()
     losses, grads = [], {}
     for step in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        received, out = r.forward(model, tc, dtype, r.job["sequences"])
-        loss = None
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        reported = schedule(forward_step_func=forward_step, data_iterator=iter(rows), model=[ddp],
+                            num_microbatches=MICROBATCHES, seq_length=ids.shape[1],
+                            micro_batch_size=len(rows[0]), forward_only=False)
         if r.last:
-            loss_sum, _ = loss_sum_and_count(out, batch["labels"].to(r.device))
-            loss = loss_sum / total
-            losses.append(float(loss))
-        r.backward(received, out, loss)
-        r.sync_tied_embedding_grads(model)
-        if step == 0:
-            grads = {n: p.grad.detach().float().cpu().clone() for n, p in model.named_parameters()
-                     if p.grad is not None}
-        optimizer.step()
+            total = torch.stack([d["lm loss"] for d in reported]).sum(0)
+            losses.append(float(total[0] / total[1]))
+        if step == 0:  # main_grad: the fp32 buffer after the schedule's finalize (÷ the batch's tokens)
+            grads = {n: p.main_grad.detach().float().cpu().clone() for n, p in model.named_parameters()
+                     if getattr(p, "main_grad", None) is not None}
+        optimizer_step(optimizer, step)
         if step == 0 and after_first_step is not None:
             after_first_step()
     return losses, grads
@@ -198,8 +292,7 @@ def _train(r: Rank, shard) -> None:
         return
     weights = {}
     # judged after the first update (see harness.train_step.first_update_weights)
-    losses, grads = _fit(r, model, tc, dtype, r.job["steps"], lambda: weights.update(
-        {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}))
+    losses, grads = _fit(r, model, tc, dtype, r.job["steps"], lambda: weights.update(_main_weights(model)))
     save_file(grads, str(r.out / f"grads_{r.tag}.safetensors"))
     save_file(weights, str(r.out / f"weights_{r.tag}.safetensors"))
     if r.last and r.tp_rank == 0:
@@ -239,6 +332,11 @@ def run_rank(rank: int, world: int, port: int, job_path: str) -> None:
     from safetensors.torch import load_file
 
     job = json.loads(Path(job_path).read_text())
+    if job.get("spec_path"):  # the spec's plugins exist in every rank (a planted trainer bug replaces a seam)
+        from ..spec import load_spec
+        from ..spec_plugins import import_spec_plugins
+
+        import_spec_plugins(load_spec(job["spec_path"]))
     r = Rank(rank, world, port, job)
     shard = load_file(str(Path(job["shard_dir"]) / f"{r.tag}.safetensors"))
     MODES[job.get("mode", "logprobs")](r, shard)

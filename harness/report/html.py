@@ -15,6 +15,7 @@ from typing import Any
 
 import jinja2
 
+from ..device import describe
 from ..tolerances import as_records, values as bound_values
 from . import svg
 
@@ -425,6 +426,7 @@ def page_context(cert: dict[str, Any]) -> dict[str, Any]:
         "created": str(cert.get("created") or ""),
         "created_text": created_text(str(cert.get("created") or "")),
         "command": str(cert.get("command") or ""),
+        "device": describe(cert.get("device") if isinstance(cert.get("device"), dict) else None),
         "spec_sha256": str(cert.get("spec_sha256") or ""),
         "spec_path": str(cert.get("spec_path") or ""),
         "certificate_version": cert.get("certificate_version", ""),

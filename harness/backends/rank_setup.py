@@ -1,0 +1,53 @@
+"""One rank's rendezvous, device and process group: the setup every multi-process backend shares.
+
+Megatron-core ranks and DeepSpeed ranks (and any other executor that starts ranks, e.g. Ray
+actors) call `init_rank` first: gloo with every rank on the CPU for device "cpu"; NCCL with rank
+`local_rank` pinned to GPU `local_rank` (torch.cuda.set_device) for "cuda". A cuda rank that has
+no GPU of its own raises: a rank never falls back to the CPU silently.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Placement:
+    backend: str  # "gloo" | "nccl"
+    device: Any  # torch.device the rank computes on
+    local_rank: int
+
+    @property
+    def cuda(self) -> bool:
+        return self.backend == "nccl"
+
+
+def init_rank(rank: int, world: int, port: int, device: str = "cpu",
+              init: Callable[[str], None] | None = None, local_rank: int | None = None,
+              master_addr: str = "127.0.0.1") -> Placement:
+    """Set the rendezvous environment, place the rank, initialise its process group.
+
+    `init(backend)` initialises the group (default: torch.distributed.init_process_group with this
+    rank and world; DeepSpeed passes deepspeed.init_distributed, which reads the same environment).
+    """
+    import torch
+
+    local = rank if local_rank is None else local_rank
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(local),
+                      WORLD_SIZE=str(world))
+    if device == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if local >= count:
+            raise RuntimeError(f"rank {rank} (local rank {local}) needs GPU {local}; {count} visible")
+        torch.cuda.set_device(local)
+        placement = Placement("nccl", torch.device("cuda", local), local)
+    elif device == "cpu":
+        placement = Placement("gloo", torch.device("cpu"), local)
+    else:
+        raise ValueError(f"unknown device {device!r} (cpu or cuda)")
+    if init is None:
+        torch.distributed.init_process_group(placement.backend, rank=rank, world_size=world)
+    else:
+        init(placement.backend)
+    return placement
