@@ -130,7 +130,8 @@ def test_swiglu_concat_only_shows_at_tp2(rig):
 
 
 def test_layer_shift_at_pp2_fails(tmp_path_factory):
-    shifted = Rig(_spec(tmp_path_factory, "layer_shift_plugin.py"), tmp_path_factory.mktemp("shift"))
+    plugin = REPO / "harness" / "selftest" / "plugins" / "pp_layer_shift.py"  # the self-test catalogue's plugin
+    shifted = Rig(_spec(tmp_path_factory, str(plugin)), tmp_path_factory.mktemp("shift"))
     try:
         assert shifted.judge(None, 1, 1).status == "passed"  # one stage: the shift cannot happen
         verdict = shifted.judge(None, 1, 2)

@@ -5,35 +5,11 @@ megatron-core on the converted weights can expose them.
 """
 import copy
 
-import torch
-
 import harness.templates.qwen2  # noqa: F401 - registers the correct "qwen2" template
-from harness.convert import ConcatConverOp, ConverOp, RenameConverOp, StackConverOp, register_template, templates
+from harness.convert import ConcatConverOp, RenameConverOp, StackConverOp, register_template, templates
+from harness.selftest.mutations import PlainQKVConcat, Transposed  # the self-test catalogue's own bug ops
 
 BASE = templates["qwen2"]
-
-
-class PlainQKVConcat(ConverOp):
-    """cat([q, k, v]) instead of Megatron's per-KV-group interleave."""
-
-    def _hf_to_mca(self, weights):
-        return torch.cat(weights, dim=0)
-
-    def _mca_to_hf(self, weights):
-        c = self.mca_config
-        q = c.num_attention_heads * c.kv_channels
-        kv = c.num_query_groups * c.kv_channels
-        return list(torch.split(weights[0], [q, kv, kv], dim=0))
-
-
-class Transposed(ConverOp):
-    """A square projection stored transposed (shapes agree, so nothing but the math notices)."""
-
-    def _hf_to_mca(self, weights):
-        return weights[0].t().contiguous()
-
-    def _mca_to_hf(self, weights):
-        return weights[0].t().contiguous()
 
 
 def _variant(name, replace=None, drop_config=()):
