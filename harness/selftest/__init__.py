@@ -38,7 +38,9 @@ def add_mutation(entry: dict[str, Any]) -> None:
 
 
 def catalogue() -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    data = yaml.safe_load(CATALOGUE.read_text())
+    from ..spec_yaml import load_yaml
+
+    data = load_yaml(CATALOGUE.read_bytes())
     return data["selections"], data["mutations"] + EXTRA
 
 
@@ -126,7 +128,9 @@ def certify(spec_path: Path, selection: dict[str, Any], report_dir: Path, timeou
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("PYTEST_XDIST_WORKER", None)
     proc = subprocess.run(cmd, cwd=HERE.parent.parent, env=env, capture_output=True, text=True, timeout=timeout)
-    name = yaml.safe_load(spec_path.read_text())["name"]
+    from ..spec_yaml import load_yaml
+
+    name = load_yaml(spec_path.read_bytes())["name"]
     cert_path = report_dir / name / "certificate.json"
     if not cert_path.is_file():
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
