@@ -163,12 +163,6 @@ def resolve(dtype: str, spec_tolerances: dict[str, dict[str, float]] | None, key
     return Tolerance({key: record(key, dtype, spec_tolerances, calibration) for key in keys})
 
 
-def exact(**counts: float) -> Tolerance:
-    """Structural checks (counts of missing/mismatched things): exact by construction."""
-    return Tolerance({key: {"value": value, "metric": key, "upper": True, "source": "default"}
-                      for key, value in counts.items()})
-
-
 def as_records(tolerance: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The certificate form; a plain {key: number} (a test's or an old judge's) reads as harness defaults."""
     if isinstance(tolerance, Tolerance):
