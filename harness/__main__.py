@@ -1,4 +1,4 @@
-"""Command line: `python -m harness {schema,validate,list,convert,verify,backends,device}`."""
+"""Command line: `python -m harness {schema,validate,list,convert,verify,backends,device,self-test,calibrate}`."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +17,10 @@ def main(argv: list[str] | None = None) -> int:
         from .selftest import main as self_test
 
         return self_test(argv[1:])
+    if argv[:1] == ["calibrate"]:  # its own parser (harness/calibrate.py): the noise-floor measurement
+        from .calibrate import main as calibrate
+
+        return calibrate(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     schema = sub.add_parser("schema", help="print the spec JSON Schema (or --write it to model_specs/)")
@@ -26,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list the models in model_specs/")
     sub.add_parser("self-test", help="plant the catalogue's bugs in a copy of a model's spec and certify each "
                                      "(python -m harness self-test --help)")
+    sub.add_parser("calibrate", help="measure the noise floor and write model_specs/calibration/<name>.json "
+                                     "(python -m harness calibrate --help)")
     convert = sub.add_parser("convert", help="convert a checkpoint HF <-> Megatron-core shards (streaming)",
                              description="Streams tensors one at a time: memory stays near the largest tensor.")
     convert.add_argument("--to", choices=("mcore", "hf"), required=True,

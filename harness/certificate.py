@@ -90,8 +90,8 @@ def seal(cert: dict[str, Any], key: str | None = None) -> dict[str, str]:
 
 
 def build(model: str, spec_sha256: str, versions: dict[str, str], checks: list[dict[str, Any]],
-          command: str = "", spec_path: str = "", spec_text: str = "", device: dict[str, Any] | None = None
-          ) -> dict[str, Any]:
+          command: str = "", spec_path: str = "", spec_text: str = "", device: dict[str, Any] | None = None,
+          calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     cert = {
         "certificate_version": CERTIFICATE_VERSION,
         "model": model,
@@ -105,6 +105,7 @@ def build(model: str, spec_sha256: str, versions: dict[str, str], checks: list[d
         "command": command,
         "versions": versions,
         "device": device or {"kind": "cpu"},
+        "calibration": calibration,  # {file, sha256, generated} of the checked-in calibration its bounds cite
         "checks": checks,
     }
     cert["integrity"] = seal(cert)
@@ -135,6 +136,8 @@ def bound_text(key: str, bound: Any) -> str:
     text = f"{key}{'≤' if bound.get('upper', True) else '≥'}{_short(bound.get('value'))} ({bound.get('source')}"
     if bound.get("loosened_by_spec"):
         text += f", loosened by the spec from {_short(bound.get('harness_value'))}"
+    if isinstance(bound.get("evidence"), dict):  # the checked-in calibration's measurement it rests on
+        text += f", calibration file measured {_short(bound['evidence'].get('measured'))}"
     return text + ")"
 
 
@@ -153,6 +156,8 @@ def render_markdown(cert: dict[str, Any]) -> str:
         "",
         f"device: {describe(cert.get('device'))}",
         "",
+        *([f"calibration: `{cal['file']}` (sha256 `{cal['sha256'][:16]}…`, generated {cal['generated']})", ""]
+          if (cal := cert.get("calibration")) else []),
         "| check | status | metrics | tolerance | reason |",
         "|---|---|---|---|---|",
     ]

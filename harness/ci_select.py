@@ -72,6 +72,9 @@ def spec_files(name: str, spec: dict[str, Any]) -> tuple[set[str], set[str]]:
         module_file, package = _module_paths(f"harness.templates.{template}")
         files.add(module_file)
         folders.add(package)
+    calibration = spec.get("calibration")  # cited by the certificate: a new one changes its evidence
+    files.add(_norm(posixpath.join(here, calibration)) if isinstance(calibration, str)
+              else f"{SPECS_DIR}/calibration/{name}.json")
     reference = spec.get("reference") if isinstance(spec.get("reference"), dict) else {}
     if isinstance(reference.get("path"), str):
         folders.add(_norm(posixpath.join(here, reference["path"])) + "/")

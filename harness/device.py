@@ -113,6 +113,11 @@ def record(device: Device) -> dict[str, Any]:
 def describe(device: Mapping[str, Any] | None) -> str:
     """One line for people: 'cpu', or 'cuda: 2 × NVIDIA H100 (driver 550.54, CUDA 12.4)'."""
     device = device or {"kind": "cpu"}
+    executor = device.get("executor") if isinstance(device.get("executor"), dict) else None
+    if executor:  # ranks started by Ray (the default local spawn is not recorded)
+        ray = f"ray {executor.get('ray')}, " if executor.get("ray") else ""
+        return f"{describe({k: v for k, v in device.items() if k != 'executor'})} · " \
+               f"{executor.get('kind')} executor ({ray}{executor.get('address', 'local instance')})"
     if device.get("kind") != "cuda":
         return str(device.get("kind", "cpu"))
     text = f"cuda: {device.get('count', '?')} × {device.get('gpu') or 'unknown GPU'}"

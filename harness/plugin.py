@@ -29,6 +29,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="where the backends compute: cpu (gloo ranks) or cuda (NCCL, one GPU per rank); "
                          "env form CERTIFY_DEVICE; default: cuda where torch sees a GPU, else cpu. "
                          "CERTIFY_GPUS=N caps the GPUs a run may use")
+    group.addoption("--executor", default=None, metavar="local|ray",
+                    help="who starts the rank groups of Megatron (tp*pp) and DeepSpeed (world size): local "
+                         "(torch.multiprocessing spawn, default) or ray (one actor per rank on a placement "
+                         "group); env form CERTIFY_EXECUTOR; else the spec's executor section")
+    group.addoption("--ray-address", default=None, metavar="ADDR",
+                    help="with --executor ray: an existing Ray cluster (HEAD:6379); default: a local Ray "
+                         "instance per worker; env form CERTIFY_RAY_ADDRESS")
     group.addoption("--report-dir", default="reports", metavar="DIR", help="where certificates go (default: reports/)")
     group.addoption("--list-models", action="store_true", help="list the models in model_specs/ and exit")
 
@@ -59,7 +66,13 @@ def _load_session(config: pytest.Config):
     check_unique_names(specs)
     for spec in specs:
         validate_environment(spec)
-    return CertifySession(specs, backends, dtypes, config.option.report_dir, device)
+    from .executor import ExecutorError
+
+    try:
+        return CertifySession(specs, backends, dtypes, config.option.report_dir, device,
+                              config.option.executor, config.option.ray_address)
+    except ExecutorError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_cmdline_main(config: pytest.Config):

@@ -12,21 +12,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import certificate
+from . import calibration, certificate
 from . import device as devices
+from . import executor as executors
 from .backends import backend_class, package_versions
 from .errors import WorkerError
 from .plan import PlannedCheck, build_plan, ranks_needed
 from .spec import SPECS_DIR, Spec
-from .tolerances import resolve
+from .tolerances import cite, resolve
 from .verdict import Verdict
 from .workers import WorkerPool
 
 
 class CertifySession:
     def __init__(self, specs: list[Spec], backends: list[str] | None = None, dtypes: list[str] | None = None,
-                 report_dir: str | Path = "reports", device: devices.Device | None = None):
+                 report_dir: str | Path = "reports", device: devices.Device | None = None,
+                 executor_kind: str | None = None, ray_address: str | None = None):
         self.specs = {spec.name: spec for spec in specs}
+        # each spec's checked-in calibration file (SpecError when it is missing or malformed): bounds cite it
+        self.citations = {spec.name: calibration.load(spec) for spec in specs}
         # where every computing worker operation runs (--device / CERTIFY_DEVICE) and how many GPUs it may use
         self.device = device or devices.CPU
         self.backends, self.dtypes = backends or [], dtypes or []
@@ -34,9 +38,14 @@ class CertifySession:
         self.plans = {spec.name: build_plan(spec) for spec in specs}
         self.selected = {c.id for spec in specs for c in build_plan(spec, self.backends, self.dtypes)}
         self.report_dir = Path(report_dir)
-        self.pool = WorkerPool(self.device.kind, {"CUDA_VISIBLE_DEVICES": ""} if self.device.hide_gpus else None)
+        # who starts each spec's rank groups (--executor, else CERTIFY_EXECUTOR, else the spec): ExecutorError
+        self.executors = {spec.name: executors.resolve(spec, executor_kind, ray_address) for spec in specs}
+        env = {"CUDA_VISIBLE_DEVICES": ""} if self.device.hide_gpus else {}
+        self.pool = WorkerPool(self.device.kind, {**env, **executors.worker_env(executor_kind, ray_address)} or None)
         self.results: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in self.specs}
         self.versions = package_versions()
+        if any(e.kind == "ray" for e in self.executors.values()):
+            self.versions["ray"] = next(e.record()["ray"] for e in self.executors.values() if e.kind == "ray")
         self._memo: dict[str, Any] = {}
         # (model, backend) -> {"start_s", "calls", "busy_s"}: how long each worker took, for people
         self.worker_times: dict[tuple[str, str], dict[str, float]] = {}
@@ -135,9 +144,12 @@ class CertifySession:
         box["seconds"] = round(time.monotonic() - started, 3)
 
     def row(self, check: PlannedCheck, verdict: Verdict, seconds: float = 0.0) -> dict[str, Any]:
-        return {"id": check.id, "suite": check.suite, "backend": check.backend, "variant": check.variant,
-                "dtype": check.dtype, "layout": check.layout, "scope": check.scope, "seconds": seconds,
-                **verdict.as_dict()}
+        row = {"id": check.id, "suite": check.suite, "backend": check.backend, "variant": check.variant,
+               "dtype": check.dtype, "layout": check.layout, "scope": check.scope, "seconds": seconds,
+               **verdict.as_dict()}
+        row["tolerance"] = cite(row["tolerance"], check.suite, check.dtype,
+                                getattr(self, "citations", {}).get(check.model))
+        return row
 
     def add_result(self, model: str, row: dict[str, Any], versions: dict[str, str] | None = None) -> None:
         self.results.setdefault(model, {})[row["id"]] = row
@@ -163,8 +175,12 @@ class CertifySession:
             command += "".join(f" --backend {b}" for b in self.backends) + "".join(f" --dtype {d}" for d in self.dtypes)
             if self.device.cuda:
                 command += " --device cuda"
+            if self.executors[name].kind != spec.executor.kind:
+                command += f" --executor {self.executors[name].kind}"
+            citation = self.citations.get(name)
             out[name] = certificate.build(name, spec.sha256, dict(sorted(self.versions.items())), rows, command,
-                                          str(spec.source or ""), spec.text, device=self.device_record)
+                                          str(spec.source or ""), spec.text, device=self.device_for(name),
+                                          calibration=citation.as_dict() if citation else None)
         return out
 
     @property
@@ -173,6 +189,11 @@ class CertifySession:
         if not hasattr(self, "_device_record"):
             self._device_record = devices.record(self.device)
         return self._device_record
+
+    def device_for(self, model: str) -> dict[str, Any]:
+        """The device record plus, where not the default local spawn, the executor of the model's rank groups."""
+        record = self.executors[model].record()
+        return {**self.device_record, "executor": record} if record else self.device_record
 
     def write_certificates(self) -> dict[str, tuple[Path, dict[str, Any]]]:
         return {name: (certificate.write(cert, self.report_dir), cert) for name, cert in self.certificates().items()}

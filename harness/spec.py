@@ -113,6 +113,15 @@ class Refit(_Strict):
                                                          "bucket travels alone); ROLL and its peers bucket")
 
 
+class ExecutorOptions(_Strict):
+    """Who starts the multi-rank backends' rank groups (--executor / CERTIFY_EXECUTOR override it)."""
+
+    kind: Literal["local", "ray"] = Field("local", description="local: torch.multiprocessing spawn on this "
+                                                               "machine; ray: one Ray actor per rank")
+    ray_address: str | None = Field(None, min_length=1, description="an existing Ray cluster (HEAD:6379); "
+                                                                    "omitted: a local Ray instance per worker")
+
+
 class Spec(_Strict):
     """One model's certification spec (model_specs/<name>.yaml)."""
 
@@ -129,6 +138,10 @@ class Spec(_Strict):
     engines: Engines = Field(default_factory=Engines)
     rollout: Rollout = Field(default_factory=Rollout)
     refit: Refit = Field(default_factory=Refit)
+    executor: ExecutorOptions = Field(default_factory=ExecutorOptions)
+    calibration: Path | None = Field(None, description="the checked-in calibration file (python -m harness "
+                                                       "calibrate), relative to this spec; default: "
+                                                       "model_specs/calibration/<name>.json when it exists")
     worker_timeout_s: float = Field(900.0, gt=0, description="per-request timeout of a backend worker")
     plugin_import_timeout_s: float = Field(60.0, gt=0, description="how long importing one plugin may take "
                                                                    "(pytest process and each worker)")

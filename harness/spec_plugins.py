@@ -288,5 +288,8 @@ def validate_environment(spec: Spec) -> None:
     if module_map is not None and not spec.resolve_relative(module_map).is_file():
         raise SpecError(spec.source, "engines.lmdeploy.custom_module_map",
                         f"file {str(module_map)!r} does not exist (looked for {spec.resolve_relative(module_map)})")
+    from .calibration import load as load_calibration
+
+    load_calibration(spec)  # the calibration file the certificate will cite: present, JSON, this model's
     if "megatron" in spec.backends.train or spec.converter.template:
         resolve_template(spec)

@@ -5,8 +5,9 @@ A bound is a record {value, metric, upper, source, ...}; `source` is
   calibrated  derived from measured noise (`calibration`: method, noise, factor, floor), or
   spec        the spec's `tolerances:` value; `harness_value` is what the harness would have used, and
               `loosened_by_spec` says whether the spec's value is looser.
-`resolve` builds them, `harness.verify` rebuilds them from the same inputs, and the certificate, the
-HTML page and the gate read them. Judges index a Tolerance like a dict of numbers.
+A record may also carry `evidence`: the checked-in calibration file (`python -m harness calibrate`) whose
+measurement it rests on (`cite`). `resolve` builds them, `harness.verify` rebuilds them from the same
+inputs, and the certificate, the HTML page and the gate read them. Judges index a Tolerance like a dict of numbers.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Any
 
 DTYPES = ("float32", "bfloat16")
 
-# metric -> (float32 default, bfloat16 default, meaning)
+# metric -> (float32 default, bfloat16 default, meaning); the log-prob fp32 defaults' headroom over measured
+# backend differences is in model_specs/calibration/<model>.json, cited by each record (`cite`)
 DEFAULTS: dict[str, tuple[float, float, str]] = {
     "roundtrip_max_abs_diff": (0.0, 0.0, "HF -> Megatron -> HF, max |a-b| over every tensor"),
     "save_load_max_abs_diff": (0.0, 0.0, "HF save_pretrained -> from_pretrained, max |a-b|"),
@@ -154,6 +156,16 @@ def record(key: str, dtype: str, spec_tolerances: dict[str, dict[str, float]] | 
     if spec_value is not None:
         out.update(value=spec_value, source="spec", harness_value=harness_value,
                    loosened_by_spec=looser(spec_value, harness_value, upper))
+    return out
+
+
+def cite(records: dict[str, dict[str, Any]], suite: str, dtype: str, citation) -> dict[str, dict[str, Any]]:
+    """The records with `evidence` from the spec's checked-in calibration file (harness.calibration.Citation)
+    where it measured the metric: fp32 defaults and calibrated bf16 bounds of the log-prob suites."""
+    out = {}
+    for key, rec in records.items():
+        evidence = citation.evidence(suite, dtype, key, rec) if citation is not None and isinstance(rec, dict) else None
+        out[key] = {**rec, "evidence": evidence} if evidence else rec
     return out
 
 

@@ -135,5 +135,6 @@ def save_train_result(result: dict[str, Any], out_dir: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in result["grads"].items()}, str(out / "grads.safetensors"))
     save_file({k: v.contiguous() for k, v in result["weights"].items()}, str(out / "weights.safetensors"))
+    # parameter_order: the producer's own order (the reference's is named_parameters(), the forward order)
     return {"losses": result["losses"], "grads": str(out / "grads.safetensors"),
-            "weights": str(out / "weights.safetensors")}
+            "weights": str(out / "weights.safetensors"), "parameter_order": list(result["grads"])}

@@ -21,10 +21,14 @@ class Verdict:
     reason: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     tolerance: dict[str, Any] = field(default_factory=dict)
+    localization: dict[str, Any] | None = None  # a failed parity check: where it first diverges
 
     def as_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "reason": self.reason, "metrics": self.metrics,
-                "tolerance": as_records(self.tolerance)}
+        out = {"status": self.status, "reason": self.reason, "metrics": self.metrics,
+               "tolerance": as_records(self.tolerance)}
+        if self.localization is not None:
+            out["localization"] = self.localization
+        return out
 
 
 def from_problems(problems: list[str], metrics: dict[str, Any], tolerance: dict[str, Any] | None = None,

@@ -12,6 +12,7 @@ disagreement, with a one-line reason:
 - every bound re-derived from the harness defaults, the spec and the recorded calibration evidence;
 - every passed row re-judged: each bounded metric measured and within its bound;
 - the versions name the package of every backend with a passed row;
+- the cited calibration file exists here with the recorded sha256, and each bound's evidence is what it measured;
 - the verdict, the per-scope verdicts and the summary line re-derived from the rows.
 
 One line per certificate, "OK <path>: <verdict>" or "INVALID <path>: <reason>"; exit 0 if all are OK.
@@ -203,6 +204,36 @@ def _expected_floor(key: str) -> float:
     return DEFAULTS[key][0]
 
 
+def check_calibration(cert: dict[str, Any]) -> None:
+    """The cited calibration file is here, unchanged, and every bound's `evidence` is what it measured."""
+    from .calibration import Citation, cited_path, read, sha256_of
+    from .errors import SpecError
+    from .tolerances import cite
+
+    cited, citation = cert.get("calibration"), None
+    if cited is not None:
+        path = cited_path(cited["file"])
+        if not path.is_file():
+            raise Invalid(f"calibration: {cited['file']} (cited by the certificate) does not exist here")
+        actual = sha256_of(path)
+        if actual != cited["sha256"]:
+            raise Invalid(f"calibration: {cited['file']} has sha256 {actual[:16]}…, the certificate cites "
+                          f"{cited['sha256'][:16]}… (the file changed since the run)")
+        try:
+            citation = Citation(path, actual, read(path, cert["model"]))
+        except SpecError as exc:
+            raise Invalid(f"calibration: {exc.one_line()}") from None
+    where = cited["file"] if cited else "no calibration file (the certificate cites none)"
+    for check in cert["checks"]:
+        bounds = check.get("tolerance") or {}
+        plain = {key: {f: v for f, v in bound.items() if f != "evidence"} for key, bound in bounds.items()}
+        expected = cite(plain, check["suite"], check["dtype"], citation)
+        for key, bound in bounds.items():
+            if bound.get("evidence") != expected[key].get("evidence"):
+                raise Invalid(f"check {check['id']!r}: bound {key} evidence {bound.get('evidence')!r} is not "
+                              f"what {where} gives ({expected[key].get('evidence')!r})")
+
+
 def check_versions(cert: dict[str, Any]) -> None:
     versions = cert["versions"]
     for backend in dict.fromkeys(c["backend"] for c in cert["checks"] if c["status"] == "passed"):
@@ -257,6 +288,7 @@ def verify(path: Path, spec: Path | None = None) -> dict[str, Any]:
     check_plan(cert, parsed)
     for check in cert["checks"]:
         check_bounds(check, parsed)
+    check_calibration(cert)
     check_versions(cert)
     check_verdicts(cert)
     return cert

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from harness import engine_record
 from harness.checks import engine_logits
+from suites import localization
 
 ENGINES = ("vllm", "sglang", "lmdeploy")
 MAX_NEW_TOKENS = 8  # greedy continuation compared token for token with HF's
@@ -48,5 +49,6 @@ def judge_engine_logits(certify, check, ref_dir: str, prompts: dict):
     out = certify.scratch(check.model) / f"{check.backend}-logits-{check.dtype}.json"
     run = certify.call(check.model, check.backend, "logprobs", dir=ref_dir, dtype=check.dtype, prompts=prompts,
                        top_k=top_k(vocab), max_new_tokens=MAX_NEW_TOKENS, out_path=str(out))
-    return judge_record(certify, check, run["path"], prompts, check.dtype)
+    verdict = judge_record(certify, check, run["path"], prompts, check.dtype)
+    return localization.attach(certify, check, verdict, ref_dir, prompts, {})
 

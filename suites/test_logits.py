@@ -5,7 +5,7 @@ from pathlib import Path
 from fixtures.prompts import prompt_sets
 from harness.checks import logits
 from harness.plugin import conclude
-from suites import engine_common
+from suites import engine_common, localization
 
 SUITE = "logits"
 
@@ -47,5 +47,6 @@ def _trainer_logits(certify, check, spec, ref_dir: str, prompts: dict):
                        out_dir=out_dir, **extra)
     where = " ".join(p for p in (check.variant, check.layout, check.dtype) if p)
     noise = _reference(certify, check.model, check.dtype) if check.dtype != "float32" else None
-    return logits.evaluate(_reference(certify, check.model, "float32"), run["files"].get(check.dtype), prompts,
-                           check.dtype, spec.tolerances, where, run["load_problems"], noise)
+    verdict = logits.evaluate(_reference(certify, check.model, "float32"), run["files"].get(check.dtype), prompts,
+                              check.dtype, spec.tolerances, where, run["load_problems"], noise)
+    return localization.attach(certify, check, verdict, ref_dir, prompts, extra)

@@ -17,7 +17,7 @@ from harness.backends import backend_class
 from harness.checks import refit
 from harness.plugin import conclude
 from harness.verdict import Verdict, from_problems
-from suites import engine_common
+from suites import engine_common, localization
 
 SUITE = "refit"
 TRAINER = "megatron"  # harness/plan.py plans refit only where the spec trains with Megatron
@@ -67,5 +67,5 @@ def test_refit(check, certify, request):
         if reason:  # the sync's source cannot run here
             box["verdict"] = Verdict("not_run", f"the refit's trainer ({TRAINER}) cannot run here: {reason}")
         else:
-            box["verdict"] = _judge(certify, check, spec)
+            box["verdict"] = localization.elsewhere(check, _judge(certify, check, spec))
     conclude(request, certify, check, box["verdict"], box["seconds"])

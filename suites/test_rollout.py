@@ -6,6 +6,7 @@ from fixtures.prompts import prompt_sets
 from harness.checks import rollout
 from harness.plan import parse_rollout_variant
 from harness.plugin import conclude
+from suites import localization
 
 SUITE = "rollout"
 
@@ -74,4 +75,5 @@ def test_rollout(check, certify, request):
             cells, samples, [s.get("logprobs", []) for s in samples], score(trainer, check.dtype), check.dtype,
             spec.tolerances, where, problems, hf_truth=score("hf", "float32") if bf16 else None,
             hf_noisy=score("hf", check.dtype) if bf16 else None)
+        localization.elsewhere(check, box["verdict"])
     conclude(request, certify, check, box["verdict"], box["seconds"])

@@ -54,6 +54,7 @@ def test_refit_without_deinterleave_and_raw_engine_logprobs_fail_their_checks(ma
 
 def test_out_of_tree_class_with_gptj_rope_fails_logits(make_spec, run_certify):
     spec = yaml.safe_load((REPO / "model_specs" / "llama.yaml").read_text())
+    spec.pop("calibration", None)  # a renamed copy in another folder cites no calibration file
     spec.update(name="llama-gptj", engines={"vllm": {"plugins": ["vllm_gptj_rope.py"]}}, **ENGINE_ONLY)
     path = make_spec(spec, files={"vllm_gptj_rope.py": (BUGS / "vllm_gptj_rope.py").read_text()})
     run = run_certify("--model-spec", str(path), *VLLM, "-k", "logits or registration", timeout=900)
@@ -64,6 +65,10 @@ def test_out_of_tree_class_with_gptj_rope_fails_logits(make_spec, run_certify):
     registration = next(c for c in run.certificate("llama-gptj")["checks"] if c["id"] == "llama-gptj/registration/vllm")
     assert registration["metrics"]["resolved_class"].endswith("GPTJRopeLlama")
     assert registration["metrics"]["source"] == "out-of-tree"
+    # localized through forward hooks in the in-process engine: q/k agree before rope, not after it
+    logits_row = next(c for c in run.certificate("llama-gptj")["checks"] if c["id"] == "llama-gptj/logits/vllm/float32")
+    assert logits_row["localization"]["first_divergence"]["point"] == "layers.0.attention.q", logits_row["localization"]
+    assert "first divergence at layer 0 attention (q after rope" in logits_row["reason"]
 
 
 def test_out_of_tree_class_dropping_qkv_bias_fails_logits(make_spec, run_certify):
@@ -72,6 +77,9 @@ def test_out_of_tree_class_dropping_qkv_bias_fails_logits(make_spec, run_certify
     run = run_certify("--model-spec", str(path), *VLLM, "-k", "logits", timeout=900)
     got = _statuses(run, "qwen2-nobias")
     assert got["logits/vllm/float32"][0] == "failed", got
+    row = next(c for c in run.certificate("qwen2-nobias")["checks"] if c["id"] == "qwen2-nobias/logits/vllm/float32")
+    found = row["localization"]["first_divergence"]
+    assert found["point"] == "layers.0.attention.q_pre_rope" and "model.layers.0.self_attn.q_proj.bias" in found["hf_weights"]
 
 
 def test_a_crashed_engine_is_an_error_with_its_stderr_and_leaves_nothing_behind(make_spec, tmp_path):
@@ -106,6 +114,7 @@ def test_a_crashed_engine_is_an_error_with_its_stderr_and_leaves_nothing_behind(
 ])
 def test_out_of_tree_class_config_and_registration_bugs(make_spec, run_certify, plugin, check, expected):
     spec = yaml.safe_load((REPO / "model_specs" / "llama.yaml").read_text())
+    spec.pop("calibration", None)  # a renamed copy in another folder cites no calibration file
     spec.update(name="llama-oot", engines={"vllm": {"plugins": [plugin]}}, **ENGINE_ONLY)
     path = make_spec(spec, files={plugin: (BUGS / plugin).read_text()})
     run = run_certify("--model-spec", str(path), *VLLM, "-k", check.split("/")[0], timeout=900)

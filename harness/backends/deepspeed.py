@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .base import Backend, spawn_ranks
+from ..executor import run_rank_group
+from .base import Backend
 
 
 def accelerator_for(device: str) -> str:
@@ -40,7 +41,7 @@ class DeepSpeedBackend(Backend):
         with tempfile.TemporaryDirectory(prefix="harness-ds-") as tmp:
             job_path = f"{tmp}/job.json"
             Path(job_path).write_text(json.dumps(job))
-            spawn_ranks(run_rank, world, job_path)
+            run_rank_group(run_rank, world, job_path, self.spec, self.device)  # local spawn or Ray actors
 
     def op_train(self, dir: str, stage: int, dtype: str, world: int, sequences: list[list[int]],  # noqa: A002
                  steps: int, out_dir: str) -> dict[str, Any]:
@@ -56,6 +57,23 @@ class DeepSpeedBackend(Backend):
             self._spawn({"mode": "infer", "dir": dir, "stage": stage, "dtype": dtype, "prompts": prompts,
                          "out_dir": f"{out_dir}/{dtype}"}, world)
         return {"files": {d: f"{out_dir}/{d}/logprobs.safetensors" for d in dtypes}, "load_problems": []}
+
+    def op_capture(self, dir: str, dtypes: list[str], sequences: list[list[int]], out_dir: str,  # noqa: A002
+                   stage: int = 3, world: int = 1) -> dict[str, Any]:
+        """Divergence localization: the HF module's activation points inside the (ZeRO-3) engine, per dtype."""
+        files = {d: f"{out_dir}/{d}/capture.safetensors" for d in dtypes}
+        for dtype in dtypes:
+            self._spawn({"mode": "capture", "dir": dir, "stage": stage, "dtype": dtype, "sequences": sequences,
+                         "out_path": files[dtype]}, world)
+        from safetensors import safe_open
+
+        names = set()
+        for shard in Path(dir).glob("*.safetensors"):
+            with safe_open(str(shard), "pt") as f:
+                names.update(f.keys())
+        config = json.loads((Path(dir) / "config.json").read_text())
+        return {"files": files, "load_problems": [], "origin": {"hf_names": sorted(names)},
+                "num_layers": int(config["num_hidden_layers"])}
 
 
 BACKEND = DeepSpeedBackend

@@ -71,6 +71,8 @@ def run_rank(rank: int, world: int, port: int, job_path: str) -> None:
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
     if job["mode"] == "train":
         _train(engine, job, rank, world, torch, dist)
+    elif job["mode"] == "capture":
+        _capture(engine, job, rank, torch)
     else:
         _infer(engine, job, rank, world, torch, dist)
     dist.barrier()
@@ -177,3 +179,21 @@ def _infer(engine, job, rank, world, torch, dist) -> None:
     if rank == 0:
         Path(job["out_dir"]).mkdir(parents=True, exist_ok=True)
         save_file(outputs, f"{job['out_dir']}/logprobs.safetensors")
+
+
+def _capture(engine, job, rank, torch) -> None:
+    """Divergence localization: the HF module's activation points (harness.capture) inside the engine.
+    Every rank runs the whole batch (ZeRO-3 gathers parameters collectively); rank 0 writes them."""
+    from safetensors.torch import save_file
+
+    from ..capture import hf_capture
+    from ..train_step import make_batch
+
+    engine.eval()
+    store: dict = {}
+    batch = _placed(make_batch(job["sequences"]), engine)
+    with torch.no_grad(), hf_capture(engine.module, store):
+        engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if rank == 0:
+        Path(job["out_path"]).parent.mkdir(parents=True, exist_ok=True)
+        save_file(store, job["out_path"])

@@ -100,6 +100,23 @@ class HFBackend(Backend):
         save_file(outputs, out_path)
         return {"path": out_path}
 
+    def op_capture(self, dir: str, dtype: str, sequences: list[list[int]], out_path: str) -> dict[str, Any]:  # noqa: A002
+        """The localization points (harness.capture) of one right-padded batch, for divergence localization."""
+        import torch
+        from safetensors.torch import save_file
+
+        from ..capture import hf_capture
+        from ..train_step import make_batch
+
+        model = self._compute_model(dir, dtype)
+        model.eval()
+        store: dict = {}
+        batch = self._on_device(make_batch(sequences))
+        with torch.no_grad(), hf_capture(model, store):
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        save_file(store, out_path)
+        return {"path": out_path, "points": len(store), "num_layers": int(model.config.num_hidden_layers)}
+
     def op_greedy_reference(self, dir: str, dtype: str, prompts: dict[str, list[list[int]]],  # noqa: A002
                             max_new_tokens: int, out_path: str) -> dict[str, Any]:
         """Per sequence: HF's greedy continuation and full-vocabulary log-probs along prompt + continuation.

@@ -19,7 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .base import Backend, free_port, spawn_ranks
+from ..executor import run_rank_group
+from .base import Backend, free_port
 
 ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "relu": "relu"}
 CPU_SAFE = dict(
@@ -59,8 +60,9 @@ def _jsonable(value: Any) -> Any:
 # fp32 / fp16-bf16 groups by their CUDA type name ("torch.cuda.BFloat16Tensor"). On CPU those
 # modules get a torch whose tensor factories put "cuda" on the CPU (cpu_training_compat), and the
 # optimizer is built while CPU tensors report CUDA type names (cuda_type_names). Nothing numeric changes.
+# transformer.utils: the sliding-window mask of the local DotProductAttention (get_sliding_window_causal_mask).
 CUDA_LITERAL_MODULES = ("megatron.core.pipeline_parallel.schedules", "megatron.core.optimizer.optimizer",
-                        "megatron.core.optimizer.clip_grads", "megatron.core.utils")
+                        "megatron.core.optimizer.clip_grads", "megatron.core.utils", "megatron.core.transformer.utils")
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor")
 
 
@@ -127,12 +129,22 @@ def build_transformer_config(tc_kwargs: dict[str, Any], dtype: str = "float32", 
     unknown = sorted(k for k in tc_kwargs if k not in fields)
     kwargs = {k: v for k, v in tc_kwargs.items() if k in fields}
     kwargs["activation_func"] = _activation(kwargs["activation_func"])
+    if isinstance(kwargs.get("window_size"), list):  # a tuple that travelled through JSON
+        kwargs["window_size"] = tuple(kwargs["window_size"])
     if cpu:
         kwargs.update(CPU_SAFE)
     else:
         kwargs.update(perform_initialization=False)
     kwargs["params_dtype"] = getattr(torch, dtype)
     return TransformerConfig(**kwargs), unknown
+
+
+def local_layer_spec(tc):
+    """megatron-core's local layer spec for this TransformerConfig, as ROLL's McaGPTModel derives it
+    (_get_transformer_layer_spec, transformer_impl local): qk layernorm included when the config says so."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(tc.num_moe_experts, tc.moe_grouped_gemm, qk_layernorm=tc.qk_layernorm)
 
 
 class MegatronBackend(Backend):
@@ -224,7 +236,8 @@ class MegatronBackend(Backend):
                    "spec_path": spec_path,
                    "mca_kwargs": view.transformer_config_kwargs(), "gpt_kwargs": view.gpt_model_kwargs()}
             Path(f"{tmp}/job.json").write_text(json.dumps(job, default=str))
-            spawn_ranks(run_rank, tp * pp, f"{tmp}/job.json")
+            # the spec's executor: local spawn, or Ray actors (--executor ray)
+            run_rank_group(run_rank, tp * pp, f"{tmp}/job.json", getattr(self, "spec", None), self.device)
         load_problems = [p for f in sorted(Path(job["out_dir"]).glob("load_problems_*.json"))
                          for p in json.loads(f.read_text())]
         return template_obj, view, layout, mca_state, report, load_problems
@@ -236,6 +249,31 @@ class MegatronBackend(Backend):
             "mode": "logprobs", "dtypes": dtypes, "prompts": prompts, "out_dir": out_dir})
         return {"out_dir": out_dir, "files": {d: f"{out_dir}/{d}/logprobs.safetensors" for d in dtypes},
                 "conversion_problems": report.problems(), "load_problems": load_problems}
+
+    def op_capture(self, dir: str, dtypes: list[str], tp: int, pp: int, sequences: list[list[int]],  # noqa: A002
+                   out_dir: str, template: str | None = None) -> dict[str, Any]:
+        """Divergence localization: the activation points of one batch at (tp, pp), joined into whole-model
+        tensors per dtype (out_dir/<dtype>/capture.safetensors), and what produced each Megatron weight."""
+        from safetensors.torch import load_file, save_file
+
+        from ..convert.layer_spec import to_local
+        from .megatron_capture import join
+
+        template_obj, view, layout, mca_state, report, load_problems = self._run_ranks(dir, template, tp, pp, {
+            "mode": "capture", "dtypes": dtypes, "sequences": sequences, "out_dir": out_dir})
+        files = {}
+        for dtype in dtypes if not load_problems else ():
+            per_rank = {(p, t): load_file(f"{out_dir}/{dtype}/capture_pp{p}_tp{t}.safetensors")
+                        for p in range(pp) for t in range(tp)}
+            files[dtype] = f"{out_dir}/{dtype}/capture.safetensors"
+            save_file(join(per_rank, tp), files[dtype])
+        origin = {"produced_from": {to_local(k): v for k, v in report.produced_from.items()},
+                  "megatron_names": sorted(to_local(k) for k in mca_state), "tied": bool(layout.tied),
+                  # the config check's own reading of each HF key (mapped / unmapped / mismatch / ...)
+                  "config_states": {k: row["state"] for k, row in self.op_config(dir, template)["keys"].items()},
+                  "config_hf_to_mca": dict(template_obj.config_hf_to_mca)}
+        return {"files": files, "origin": origin, "load_problems": load_problems,
+                "num_layers": int(view.transformer_config_kwargs()["num_layers"])}
 
     def op_train(self, dir: str, dtype: str, tp: int, pp: int, sequences: list[list[int]], steps: int,  # noqa: A002
                  out_dir: str, template: str | None = None) -> dict[str, Any]:
@@ -299,10 +337,9 @@ class MegatronBackend(Backend):
     def _expected_shapes(self, view) -> dict[str, list[int]]:
         """Parameter names and shapes of megatron-core's GPTModel (local spec) for this config."""
         from megatron.core.models.gpt import GPTModel
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
         tc, _ = self._transformer_config(view, "bfloat16")
-        model = GPTModel(tc, get_gpt_layer_local_spec(), **view.gpt_model_kwargs())
+        model = GPTModel(tc, local_layer_spec(tc), **view.gpt_model_kwargs())
         shapes = {name: list(t.shape) for name, t in model.state_dict().items()
                   if not name.endswith("._extra_state")}
         del model

@@ -87,15 +87,16 @@ class Rank:
     def build(self, dtype: str, shard):
         """The stage's GPTModel with its shard loaded, or None (all ranks agree) if any shard failed."""
         from megatron.core.models.gpt import GPTModel
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        from .megatron import build_transformer_config
+        from .megatron import build_transformer_config, cpu_training_compat, local_layer_spec
 
         torch, tdtype = self.torch, getattr(self.torch, dtype)
         tc, _ = build_transformer_config(self.job["mca_kwargs"], dtype, cpu=not self.cuda)
         tc = dataclasses.replace(tc, tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
                                  pipeline_dtype=tdtype, hidden_dropout=0.0, attention_dropout=0.0)
-        model = GPTModel(tc, get_gpt_layer_local_spec(), pre_process=self.first, post_process=self.last,
+        if not self.cuda and tc.window_size:
+            cpu_training_compat()  # the window mask is allocated on device="cuda" (CUDA_LITERAL_MODULES)
+        model = GPTModel(tc, local_layer_spec(tc), pre_process=self.first, post_process=self.last,
                          parallel_output=False, **self.job["gpt_kwargs"]).to(self.device)
         problems = _load(model, {k: v.to(tdtype) for k, v in shard.items()}, self.tag)
         flag = torch.tensor([len(problems)], dtype=torch.long, device=self.device)
@@ -324,7 +325,26 @@ def _refit_source(r: Rank, shard) -> None:
     r.dist.barrier()
 
 
-MODES = {"logprobs": _logprobs, "train": _train, "refit_source": _refit_source}
+def _capture(r: Rank, shard) -> None:
+    """Divergence localization: each rank's activation points (megatron_capture) on one batch, per dtype."""
+    from safetensors.torch import save_file
+
+    from .megatron_capture import capture
+
+    for dtype in r.job["dtypes"]:
+        model, tc = r.build(dtype, shard)
+        if model is not None:
+            model.eval()
+            store: dict = {}
+            with r.torch.no_grad(), capture(model, store):
+                r.forward(model, tc, dtype, r.job["sequences"])
+            (r.out / dtype).mkdir(parents=True, exist_ok=True)
+            save_file(store, str(r.out / dtype / f"capture_{r.tag}.safetensors"))
+        del model
+        r.dist.barrier()
+
+
+MODES = {"logprobs": _logprobs, "train": _train, "refit_source": _refit_source, "capture": _capture}
 
 
 def run_rank(rank: int, world: int, port: int, job_path: str) -> None:

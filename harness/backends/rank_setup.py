@@ -11,6 +11,11 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+# Set by an executor that places ranks itself (the Ray executor): rank 0's host and this rank's local
+# rank, so the rank functions keep the local spawn path's signature (rank, world, port, job_path)
+MASTER_ADDR_ENV = "HARNESS_RANK_MASTER_ADDR"
+LOCAL_RANK_ENV = "HARNESS_RANK_LOCAL_RANK"
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -25,7 +30,7 @@ class Placement:
 
 def init_rank(rank: int, world: int, port: int, device: str = "cpu",
               init: Callable[[str], None] | None = None, local_rank: int | None = None,
-              master_addr: str = "127.0.0.1") -> Placement:
+              master_addr: str | None = None) -> Placement:
     """Set the rendezvous environment, place the rank, initialise its process group.
 
     `init(backend)` initialises the group (default: torch.distributed.init_process_group with this
@@ -33,7 +38,8 @@ def init_rank(rank: int, world: int, port: int, device: str = "cpu",
     """
     import torch
 
-    local = rank if local_rank is None else local_rank
+    local = int(os.environ.get(LOCAL_RANK_ENV, rank)) if local_rank is None else local_rank
+    master_addr = master_addr or os.environ.get(MASTER_ADDR_ENV, "127.0.0.1")
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(local),
                       WORLD_SIZE=str(world))
     if device == "cuda":

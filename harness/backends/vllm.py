@@ -141,6 +141,32 @@ class VLLMBackend(Backend):
         llm = self._engine(dir, dtype)
         return {"path": engine_record.save(out_path, self._record(llm, prompts, top_k, max_new_tokens))}
 
+    def op_capture(self, dir: str, dtypes: list[str], sequences: list[list[int]], out_dir: str) -> dict[str, Any]:  # noqa: A002
+        """Divergence localization: the activation points of each sequence's prefill in the in-process engine."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        from .vllm_capture import capture
+
+        config = json.loads((Path(dir) / "config.json").read_text())
+        heads = int(config["num_attention_heads"])
+        files, problems = {}, []
+        for dtype in dtypes:
+            points, missing = capture(self._engine(dir, dtype), sequences, heads,
+                                      int(config.get("num_key_value_heads") or heads))
+            problems += [f"{dtype} {m}" for m in missing]
+            files[dtype] = f"{out_dir}/{dtype}/capture.safetensors"
+            Path(files[dtype]).parent.mkdir(parents=True, exist_ok=True)
+            save_file(points, files[dtype])
+        names = set()
+        for shard in Path(dir).glob("*.safetensors"):
+            with safe_open(str(shard), "pt") as f:
+                names.update(f.keys())
+        return {"files": files, "load_problems": [], "capture_problems": problems,
+                "origin": {"hf_names": sorted(names), "not_captured": {
+                    "logits": "vLLM computes logits outside the module tree, only at sampled positions"}},
+                "num_layers": int(config["num_hidden_layers"])}
+
     def op_refit(self, dir: str, dtype: str, prompts: dict[str, list[list[int]]], top_k: int,  # noqa: A002
                  max_new_tokens: int, weights: str, bucket_bytes: int, out_path: str) -> dict[str, Any]:
         """RL weight sync into the live engine: dummy-initialise its weights, stream the trainer's file
@@ -310,7 +336,16 @@ def _model_facts(model) -> dict[str, Any]:
         "activation": type(act).__name__ if act is not None else None,
         "tied": bool(embed is not None and head is not None and getattr(head, "weight", None) is not None
                      and head.weight.data_ptr() == embed.weight.data_ptr()),
+        # the window each layer's attention was built with (vLLM: W keys, as HF); None where not exposed
+        "layer_windows": _layer_windows(layers),
     }
+
+
+def _layer_windows(layers) -> list | None:
+    attns = [getattr(getattr(layer, "self_attn", None), "attn", None) for layer in layers]
+    if not attns or any(a is None or not hasattr(a, "sliding_window") for a in attns):
+        return None
+    return [a.sliding_window for a in attns]
 
 
 def _dummy_like(state: dict) -> dict:

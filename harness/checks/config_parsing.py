@@ -3,7 +3,7 @@
 Each HF key ends up in exactly one state:
   mapped    - the template maps it and the backend holds the same semantic value
   derived   - not mapped, but the backend derives the same value by itself (head_dim)
-  inactive  - the feature is off in this config (use_sliding_window: false)
+  inactive  - the feature is off in this config (no layer has a sliding window)
   ignored   - on the harness's curated list of keys that never change the math
   waived    - the spec waives it, with a reason
   mismatch  - the backend holds a different value            -> fails
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..verdict import Verdict, from_problems
+from ..windows import hf_layer_windows, layer_kinds, megatron_layer_windows
 
 # key -> why it never changes a model's forward/backward math
 IGNORED_KEYS: dict[str, str] = {
@@ -63,12 +64,38 @@ def _rope(cfg: dict) -> dict | None:
     }
 
 
+def _scaling(params: Any) -> dict | None:
+    """A rope scaling as HF applies it (None = none): its type and every parameter but the base."""
+    if not isinstance(params, dict):
+        return None
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return None
+    skip = {"rope_theta", "rope_type", "type", "partial_rotary_factor"}
+    return {"rope_type": kind, **{k: params[k] for k in sorted(params) if k not in skip}}
+
+
+def _hf_rope(cfg: dict) -> dict | None:
+    rope = _rope(cfg)
+    return None if rope is None else {**rope, "scaling": _scaling(cfg.get("rope_parameters"))}
+
+
+def _mca_scaling(gpt: dict) -> dict | None:
+    """GPTModel's rope_scaling is llama 3.x's, with megatron-core 0.16's fixed constants
+    (RotaryEmbedding._apply_scaling: low 1, high 4, original context 8192) and rope_scaling_factor."""
+    if not gpt.get("rope_scaling"):
+        return None
+    return {"rope_type": "llama3", "factor": float(gpt["rope_scaling_factor"]), "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0, "original_max_position_embeddings": 8192}
+
+
 def _mca_rope(b: dict) -> dict:
     gpt = b["gpt"]
     return {
         "rope_theta": float(gpt["rotary_base"]) if gpt["position_embedding_type"] == "rope" else None,
         "rope_type": "llama3" if gpt.get("rope_scaling") else "default",
         "partial_rotary_factor": float(gpt["rotary_percent"]),
+        "scaling": _mca_scaling(gpt),
     }
 
 
@@ -97,7 +124,21 @@ def _heads(cfg: dict) -> int:
     return cfg["num_attention_heads"]
 
 
-_SLIDING_OFF = lambda cfg: not cfg.get("use_sliding_window")  # noqa: E731
+def _no_window(cfg: dict) -> bool:
+    """No layer of HF's model applies a sliding window (Mistral has no use_sliding_window: its sliding_window is
+    on whenever set; Qwen2/3 window only the layer_types marked sliding, and only with use_sliding_window)."""
+    return all(w is None for w in hf_layer_windows(cfg))
+
+
+_SLIDING_OFF = _no_window  # the engines' config rules share it
+
+
+def _mca_windows(b: dict) -> list:
+    tc = b["tc"]
+    return megatron_layer_windows(tc.get("window_size"), tc.get("window_attn_skip_freq"), int(tc["num_layers"]))
+
+
+_WINDOW_KEYS = frozenset({"window_size", "window_attn_skip_freq"})
 
 # Megatron-core semantics of HF keys. `built` = {"tc": TransformerConfig values, "gpt": GPTModel kwargs}.
 MEGATRON_RULES: dict[str, Rule] = {
@@ -130,20 +171,22 @@ MEGATRON_RULES: dict[str, Rule] = {
                                 lambda cfg: bool(cfg["tie_word_embeddings"]),
                                 _gpt("share_embeddings_and_output_weights")),
     "rope_parameters": Rule(frozenset({"rotary_base", "rope_parameters", "rotary_percent", "rotary_scaling"}),
-                            _rope, _mca_rope),
+                            _hf_rope, _mca_rope),
     "rope_theta": Rule(frozenset({"rotary_base", "rope_parameters"}),
                        lambda cfg: float(cfg["rope_theta"]), lambda b: float(b["gpt"]["rotary_base"])),
-    "rope_scaling": Rule(frozenset({"rotary_scaling"}), _field("rope_scaling"), _gpt("rope_scaling"),
-                         inactive=lambda cfg: not cfg.get("rope_scaling")),
-    "use_sliding_window": Rule(frozenset({"window_size"}), _field("use_sliding_window"),
-                               lambda b: b["tc"].get("window_size") is not None, inactive=_SLIDING_OFF),
-    "sliding_window": Rule(frozenset({"window_size"}), _field("sliding_window"), _tc("window_size"),
-                           inactive=_SLIDING_OFF),
-    "max_window_layers": Rule(frozenset({"window_attn_skip_freq"}), _field("max_window_layers"),
-                              _tc("window_attn_skip_freq"), inactive=_SLIDING_OFF),
-    "layer_types": Rule(frozenset({"window_size", "window_attn_skip_freq"}), _field("layer_types"),
-                        lambda b: None,
-                        inactive=lambda cfg: all(t == "full_attention" for t in cfg.get("layer_types") or [])),
+    # a config.json from transformers 4 (5 folds it into rope_parameters); ROLL's llama maps it to rope_scaling
+    "rope_scaling": Rule(frozenset({"rotary_scaling", "rope_scaling"}), lambda cfg: _scaling(cfg["rope_scaling"]),
+                         lambda b: _mca_scaling(b["gpt"]), inactive=lambda cfg: _scaling(cfg.get("rope_scaling")) is None),
+    # windows are compared per layer, in HF's terms (W keys, harness/windows.py): size and pattern at once
+    "use_sliding_window": Rule(frozenset({"window_size"}), lambda cfg: not _no_window(cfg),
+                               lambda b: any(w is not None for w in _mca_windows(b)), inactive=_no_window),
+    "sliding_window": Rule(frozenset({"window_size"}), hf_layer_windows, _mca_windows, inactive=_no_window),
+    # HF's model reads only layer_types; max_window_layers took effect through it (Qwen2/3 config __post_init__)
+    "max_window_layers": Rule(_WINDOW_KEYS, lambda cfg: layer_kinds(hf_layer_windows(cfg)),
+                              lambda b: layer_kinds(_mca_windows(b)), inactive=_no_window),
+    "layer_types": Rule(_WINDOW_KEYS, _field("layer_types"), lambda b: layer_kinds(_mca_windows(b)),
+                        inactive=lambda cfg: _no_window(cfg) and set(cfg.get("layer_types") or [])
+                        <= {"full_attention", "sliding_attention"}),
     "pretraining_tp": Rule(frozenset(), _field("pretraining_tp"), lambda b: 1,
                            inactive=lambda cfg: cfg.get("pretraining_tp", 1) == 1),
 }

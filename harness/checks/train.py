@@ -7,6 +7,7 @@ import torch
 
 from ..tolerances import TRAIN_METRICS, Calibration, calibration_factor, resolve
 from ..verdict import Verdict, from_problems
+from .localize import first_diverging_gradient
 
 
 def _tensor_table(ref: dict[str, torch.Tensor], test: dict[str, torch.Tensor]) -> tuple[dict[str, float], list[str]]:
@@ -113,10 +114,26 @@ def evaluate(reference: dict[str, Any], result: dict[str, Any], dtype: str, spec
         if noise is None:
             raise ValueError("a bf16 train check needs the reference computed in bf16 and in fp32 to calibrate on")
         calibration = Calibration(CALIBRATION_METHOD, summary(measure(*noise)), FACTOR)
-    return judge(measure(reference, result), resolve(dtype, spec_tolerances, TRAIN_METRICS, calibration), where)
+    verdict = judge(measure(reference, result), resolve(dtype, spec_tolerances, TRAIN_METRICS, calibration), where,
+                    forward_order=reference.get("parameter_order"))
+    return verdict
 
 
-def judge(m: dict[str, Any], tolerance: dict[str, float], where: str, calibration: dict | None = None) -> Verdict:
+def localize(m: dict[str, Any], tolerance: dict[str, float], forward_order: list[str] | None) -> dict[str, Any]:
+    """A failed step: the first parameter, backward from the loss, whose first-step gradient diverges."""
+    if not m["grad_diffs"]:
+        return {"status": "not_localized", "reason": "no first-step gradient was compared"}
+    found = first_diverging_gradient(m["grad_diffs"], tolerance["max_grad_diff"], forward_order or [])
+    if found is None:
+        return {"status": "not_localized",
+                "reason": "every first-step gradient agrees: the divergence is in the optimizer update or a later "
+                          "step (loss curve, weights after the update)"}
+    return {"status": "localized", "summary": found["summary"], "first_divergence": found,
+            "order": "backward (the reference's named_parameters reversed)" if forward_order else "by name"}
+
+
+def judge(m: dict[str, Any], tolerance: dict[str, float], where: str, calibration: dict | None = None,
+          forward_order: list[str] | None = None) -> Verdict:
     problems = [f"{where} {p}" for p in m["structural"]]
     for step, diff in enumerate(m["loss_diffs"]):
         if not diff <= tolerance["max_loss_diff"]:
@@ -143,4 +160,9 @@ def judge(m: dict[str, Any], tolerance: dict[str, float], where: str, calibratio
                "worst_weight": max(m["weight_diffs"], key=m["weight_diffs"].get, default="")}
     if calibration:
         metrics["calibration"] = calibration
-    return from_problems(problems, metrics, tolerance, what="train-step divergences")
+    verdict = from_problems(problems, metrics, tolerance, what="train-step divergences")
+    if verdict.status == "failed" and not m["structural"]:
+        verdict.localization = localize(m, tolerance, forward_order)
+        if verdict.localization.get("summary"):
+            verdict.reason = f"{verdict.reason} | {verdict.localization['summary']}"
+    return verdict

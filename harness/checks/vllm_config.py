@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import engine_config
+from ..windows import hf_layer_windows, layer_kinds
 from .config_parsing import _SLIDING_OFF, Rule, _act_name, _field, _rope
 from .engine_config import ENGINE_IGNORED
 
@@ -48,6 +49,14 @@ def _engine_rope(v: dict) -> dict | None:
             "partial_rotary_factor": float(m["rotary_dim"]) / float(m["head_size"])}
 
 
+def _windows(v: dict) -> list | None:
+    return v["model"].get("layer_windows")
+
+
+def _kinds(v: dict) -> list | None:
+    return None if _windows(v) is None else layer_kinds(_windows(v))
+
+
 def _rule(key: str, hf, engine, **kw) -> Rule:
     return Rule(frozenset({key}), hf, engine, **kw)
 
@@ -77,13 +86,16 @@ VLLM_RULES: dict[str, Rule] = {
     "rope_theta": _rule("rope_theta", lambda cfg: float(cfg["rope_theta"]), _model("rope_base")),
     "rope_scaling": _rule("rope_scaling", _field("rope_scaling"), lambda v: None,
                           inactive=lambda cfg: not cfg.get("rope_scaling")),
-    "use_sliding_window": _rule("use_sliding_window", _field("use_sliding_window"),
-                                lambda v: v["mc"]["sliding_window"] is not None, inactive=_SLIDING_OFF),
-    "sliding_window": _rule("sliding_window", _field("sliding_window"), _mc("sliding_window"), inactive=_SLIDING_OFF),
-    "max_window_layers": _rule("max_window_layers", _field("max_window_layers"), lambda v: None,
+    # per layer, as config_parsing judges Megatron: the window each attention layer of the engine was built with
+    "use_sliding_window": _rule("use_sliding_window", lambda cfg: not _SLIDING_OFF(cfg),
+                                lambda v: None if _windows(v) is None else any(w is not None for w in _windows(v)),
+                                inactive=_SLIDING_OFF),
+    "sliding_window": _rule("sliding_window", hf_layer_windows, _windows, inactive=_SLIDING_OFF),
+    "max_window_layers": _rule("max_window_layers", lambda cfg: layer_kinds(hf_layer_windows(cfg)), _kinds,
                                inactive=_SLIDING_OFF),
-    "layer_types": _rule("layer_types", _field("layer_types"), lambda v: None,
-                         inactive=lambda cfg: all(t == "full_attention" for t in cfg.get("layer_types") or [])),
+    "layer_types": _rule("layer_types", _field("layer_types"), _kinds,
+                         inactive=lambda cfg: _SLIDING_OFF(cfg) and set(cfg.get("layer_types") or [])
+                         <= {"full_attention", "sliding_attention"}),
     "pretraining_tp": _rule("pretraining_tp", _field("pretraining_tp"), lambda v: 1,
                             inactive=lambda cfg: cfg.get("pretraining_tp", 1) == 1),
 }

@@ -21,10 +21,12 @@ GPT_MODEL_ARGS = {
     "rotary_scaling_factor": "rope_scaling_factor",
     "tie_embeddings_and_output_weights": "share_embeddings_and_output_weights",
 }
-# McaModelConfig/PretrainedConfig fields that are bookkeeping or folded into other fields below
+# McaModelConfig/PretrainedConfig fields that are bookkeeping or folded into other fields below.
+# rope_scaling: ROLL's LlamaConfig field holding HF's rope dict; megatron-core never reads it (GPTModel takes
+# rotary_scaling / rotary_scaling_factor), so the config suite judges the rope megatron really applies.
 ROLL_ONLY_KEYS = {
-    "swiglu", "squared_relu", "rope_parameters", "transformer_impl", "hf_model_type", "name_or_path",
-    "hf_config_json", "untie_embeddings_and_output_weights", "norm_epsilon", "moe_parallel_folding",
+    "swiglu", "squared_relu", "rope_parameters", "rope_scaling", "transformer_impl", "hf_model_type",
+    "name_or_path", "hf_config_json", "untie_embeddings_and_output_weights", "norm_epsilon", "moe_parallel_folding",
 }
 # GPTModel defaults (megatron-core 0.16) used when a template leaves a key out
 GPT_MODEL_DEFAULTS = {

@@ -43,10 +43,16 @@ class Template:
 
     # ---- config ----
     def mca_config_kwargs(self, hf_config) -> tuple[dict[str, Any], list[str]]:
-        """ROLL semantics: read each mapped HF attribute (dotted paths allowed); absent ones are skipped.
+        """The Megatron-side kwargs (through ROLL's convert_hf_to_mca_config_kws hook, which a template_class
+        may override) and the HF keys the template asked for but the config lacks."""
+        return self.convert_hf_to_mca_config_kws(hf_config), self._read_mapped(hf_config)[1]
 
-        Returns the kwargs and the HF keys the template asked for but the config lacks.
-        """
+    def convert_hf_to_mca_config_kws(self, hf_config, **kw_args) -> dict[str, Any]:
+        """ROLL's hook and precedence: kw_args (a subclass's derived values), then mapped keys, then constants."""
+        return {**kw_args, **self._read_mapped(hf_config)[0], **self.constant_mca_config}
+
+    def _read_mapped(self, hf_config) -> tuple[dict[str, Any], list[str]]:
+        """ROLL semantics: read each mapped HF attribute (dotted paths allowed); absent ones are skipped."""
         kwargs: dict[str, Any] = {}
         absent: list[str] = []
         for hf_key, mca_key in self.config_hf_to_mca.items():
@@ -63,7 +69,6 @@ class Template:
                 kwargs[mca_key] = value
             else:
                 absent.append(hf_key)
-        kwargs.update(self.constant_mca_config)
         return kwargs, absent
 
     def mca_config(self, hf_config) -> McaConfigView:
@@ -97,6 +102,8 @@ class ConversionReport:
     dropped: list[str] = field(default_factory=list)
     duplicate_outputs: list[str] = field(default_factory=list)
     stacked: dict[str, tuple[int, int]] = field(default_factory=dict)  # output name -> (parts, dim)
+    # output name -> {"op", "sources"}: which op made it from which tensors (divergence localization names them)
+    produced_from: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def problems(self) -> list[str]:
         out = [f"{n}: {why}" for n, why in sorted(self.unconsumed.items())]
@@ -187,6 +194,8 @@ class Converter:
             if out_name in self._emitted or out_name in produced:
                 self.report.duplicate_outputs.append(out_name)
             produced[out_name] = tensor_out
+            self.report.produced_from[out_name] = {"op": op.describe(),
+                                                   "sources": [group[s][0] for s in self._sources(op)]}
         self._emitted.update(produced)
         return produced
 

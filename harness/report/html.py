@@ -258,6 +258,7 @@ def plots_for(check: dict[str, Any]) -> list[dict[str, str]]:
                           "svg": svg.line_chart([svg.Series("|Δ loss|", diffs)], log_y=True, hlines=hlines,
                                                 title=f"{check.get('id', '')}: |Δ loss| per step",
                                                 x_label="step", y_label="|Δ loss|")})
+    plots += _localization_plots(check)
     per_layer = metrics.get("per_layer")
     layer_series: list[svg.Series] = []
     if isinstance(per_layer, dict):
@@ -288,6 +289,41 @@ def plots_for(check: dict[str, Any]) -> list[dict[str, str]]:
                       "svg": svg.line_chart(layer_series, title=f"{check.get('id', '')}: per-layer divergence",
                                             x_label="layer", y_label="divergence", log_y=log_y, hlines=hlines)})
     return plots
+
+
+def _point_x(point: str, num_layers: int) -> float:
+    """Layer axis: embedding just before layer 0, a layer's points spread over [i, i+1), head after the last."""
+    from ..checks.localize import LAYER_POINTS
+
+    if point == "embedding":
+        return -0.5
+    if point in ("final_norm", "logits"):
+        return num_layers + (0.0 if point == "final_norm" else 0.5)
+    _, index, kind = point.split(".", 2)
+    return int(index) + list(LAYER_POINTS).index(kind) / len(LAYER_POINTS)
+
+
+def _localization_plots(check: dict[str, Any]) -> list[dict[str, str]]:
+    loc = check.get("localization") or {}
+    rows = [r for r in loc.get("points") or [] if isinstance(r, dict) and "point" in r]
+    if not rows:
+        return []
+    layers = 1 + max((int(r["point"].split(".")[1]) for r in rows if r["point"].startswith("layers.")), default=-1)
+    xs = [_point_x(r["point"], layers) for r in rows]
+    series = [svg.Series("rel. L2 |Δ| vs HF", _numbers([r.get("rel_l2") for r in rows]) or [], xs),
+              svg.Series("1 - cosine", _numbers([1 - r["cosine"] if _is_number(r.get("cosine")) else None
+                                                 for r in rows]) or [], xs),
+              svg.Series("bound", _numbers([r.get("bound") for r in rows]) or [], xs)]
+    first = loc.get("first_divergence") or {}
+    vlines = [svg.VLine(_point_x(first["point"], layers), f"first divergence: {first['point']}")] \
+        if first.get("point") else []
+    caption = (f"Each captured activation (embedding, per layer: input norm, q/k before and after rope, attention "
+               f"context and output, MLP norm, activation and output, layer output; final norm, logits) on prompt "
+               f"set {loc.get('prompt_set', '?')!r}, relative L2 difference from HF fp32 and 1 - cosine; log scale. "
+               f"{loc.get('summary') or loc.get('reason', '')}")
+    return [{"title": "divergence localization", "caption": caption,
+             "svg": svg.line_chart(series, title=f"{check.get('id', '')}: where it diverges", x_label="layer",
+                                   y_label="relative |Δ|", log_y=True, vlines=vlines, width=560)}]
 
 
 # ---------------------------------------------------------------- the model page
@@ -352,6 +388,8 @@ def _check_view(check: dict[str, Any], taken: set[str]) -> dict[str, Any]:
         "metric_rows": rows,
         "nested": nested,
         "plots": plots_for(check),
+        "localization": str((check.get("localization") or {}).get("summary")
+                            or (check.get("localization") or {}).get("reason") or ""),
         "loosened": [key for key, r in as_records(check.get("tolerance") or {}).items() if r.get("loosened_by_spec")],
     }
     view["tooltip"] = _tooltip(view)
@@ -429,6 +467,7 @@ def page_context(cert: dict[str, Any]) -> dict[str, Any]:
         "device": describe(cert.get("device") if isinstance(cert.get("device"), dict) else None),
         "spec_sha256": str(cert.get("spec_sha256") or ""),
         "spec_path": str(cert.get("spec_path") or ""),
+        "calibration": cert.get("calibration") if isinstance(cert.get("calibration"), dict) else None,
         "certificate_version": cert.get("certificate_version", ""),
         "versions": sorted((str(k), str(v)) for k, v in versions.items()),
         "counts": _counts(checks),

@@ -32,6 +32,14 @@ class HLine:
 
 
 @dataclass
+class VLine:
+    """A vertical marker (e.g. the first divergent point of a localization)."""
+
+    x: float
+    label: str
+
+
+@dataclass
 class _Frame:
     width: int
     height: int
@@ -96,7 +104,7 @@ def _legend_layout(items: list[tuple[str, str, str]], width: int) -> list[list[t
 
 def line_chart(series: Sequence[Series], *, title: str = "", x_label: str = "", y_label: str = "",
                log_y: bool = False, hlines: Sequence[HLine] = (), width: int = 400, height: int = 230,
-               integer_x: bool = True) -> str:
+               integer_x: bool = True, vlines: Sequence[VLine] = ()) -> str:
     """An inline <svg> line chart; one polyline per series, dashed horizontal lines for bounds."""
     series = [s for s in series if len(s.values)]
     hlines = [h for h in hlines if _finite(h.value) and (h.value > 0 or not log_y)]
@@ -181,6 +189,13 @@ def line_chart(series: Sequence[Series], *, title: str = "", x_label: str = "", 
         out.append(f'<line x1="{left}" x2="{right:.1f}" y1="{y:.1f}" y2="{y:.1f}" stroke="{colour}" '
                    f'stroke-width="1.5" stroke-dasharray="{dash}"><title>{_a(h.detail or h.label)}: '
                    f'{_a(fmt_tick(h.value))}</title></line>')
+    for v in vlines:
+        x = sx(v.x)
+        if left - 0.5 <= x <= right + 0.5:
+            out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{bottom:.1f}" stroke="{TOLERANCE_COLOUR}" '
+                       f'stroke-width="1.5"><title>{_a(v.label)}</title></line>')
+            out.append(f'<text x="{min(x + 4, right - 4):.1f}" y="{top + 12}" fill="{TOLERANCE_COLOUR}" '
+                       f'text-anchor="{"start" if x + 4 < right - 90 else "end"}">{_a(v.label)}</text>')
     for i, (s, pts) in enumerate(points):
         colour = PALETTE[i % len(PALETTE)]
         good = [(x, v) for x, v in pts if _finite(v)]

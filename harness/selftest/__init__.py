@@ -54,6 +54,30 @@ class Result:
     margin: float | str | None = None
     detail: str = ""
     seconds: float = 0.0
+    # which bound gave the margin (check, key, metric, dtype, value, bound): calibrate derives bf16 visibility
+    margin_from: dict[str, Any] | None = None
+    localization: str = ""  # where the first localized failed row says the model first diverges
+
+
+def _ratios(rows: list[dict[str, Any]]):
+    """(metric / bound, where it came from) for every numeric bound of the rows."""
+    for row in rows:
+        for key, bound in (row.get("tolerance") or {}).items():
+            value, limit = (row.get("metrics") or {}).get(bound.get("metric")), bound.get("value")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not isinstance(limit, (int, float)):
+                continue
+            if bound.get("upper", True):
+                ratio = value / limit if limit > 0 else (math.inf if value > 0 else 0.0)
+            else:
+                ratio = (1 - value) / (1 - limit) if limit < 1 else (math.inf if value < limit else 0.0)
+            yield ratio, {"check": row.get("id"), "key": key, "metric": bound.get("metric"),
+                          "dtype": row.get("dtype"), "value": value, "bound": limit, "upper": bound.get("upper", True)}
+
+
+def margin_source(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The bound that gave margin_of's finite margin (None when the margin is not a finite ratio)."""
+    finite = [(ratio, where) for ratio, where in _ratios(rows) if not math.isinf(ratio) and ratio > 1]
+    return max(finite, key=lambda item: item[0])[1] if finite else None
 
 
 def margin_of(rows: list[dict[str, Any]]) -> float | str | None:
@@ -62,19 +86,11 @@ def margin_of(rows: list[dict[str, Any]]) -> float | str | None:
     A lower bound of 1 (an agreement rate that must be exact) gives an infinite ratio; that is shown only
     when no finite ratio exists."""
     finite, infinite = [], False
-    for row in rows:
-        for bound in (row.get("tolerance") or {}).values():
-            value, limit = (row.get("metrics") or {}).get(bound.get("metric")), bound.get("value")
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not isinstance(limit, (int, float)):
-                continue
-            if bound.get("upper", True):
-                ratio = value / limit if limit > 0 else (math.inf if value > 0 else 0.0)
-            else:
-                ratio = (1 - value) / (1 - limit) if limit < 1 else (math.inf if value < limit else 0.0)
-            if math.isinf(ratio):
-                infinite = True
-            elif ratio > 1:
-                finite.append(ratio)
+    for ratio, _where in _ratios(rows):
+        if math.isinf(ratio):
+            infinite = True
+        elif ratio > 1:
+            finite.append(ratio)
     if finite:
         return max(finite)
     if infinite:
@@ -93,6 +109,7 @@ def mutated_spec(spec, selection: dict[str, Any], name: str, mutation: dict[str,
     data = load_yaml(spec.text.encode())
     base = spec.source.parent
     data["name"] = name
+    data.pop("calibration", None)  # the file calibrates the model, not a renamed mutant copy of its spec
     data["plugins"] = _absolute_plugins(list(data.get("plugins") or []), base)
     for engine, options in (data.get("engines") or {}).items():
         options["plugins"] = _absolute_plugins(list(options.get("plugins") or []), base)
@@ -153,9 +170,18 @@ def _applicable(spec, selection: dict[str, Any], mutation: dict[str, Any]) -> st
         from ..spec_plugins import resolve_template
         from .mutations import mutate
 
-        _, why = mutate(resolve_template(spec), mutation["template"], hf_tensor_names(spec))
+        _, why = mutate(resolve_template(spec), mutation["template"], hf_tensor_names(spec), hf_reference_config(spec))
         return why
     return None
+
+
+def hf_reference_config(spec):
+    """The reference model's HF config (what the template reads), without building the model."""
+    from transformers import AutoConfig
+
+    if spec.reference.path is not None:
+        return AutoConfig.from_pretrained(str(spec.resolve_relative(spec.reference.path)))
+    return AutoConfig.for_model(spec.hf_model_type, **spec.reference.config)
 
 
 def hf_tensor_names(spec) -> set[str]:
@@ -241,11 +267,27 @@ def run(spec, only: list[str] | None = None, timeout: float = 1800, progress=pri
                     result = Result(m["name"], m["what"], m["selection"], "caught" if failed else "missed",
                                     [c["id"] for c in failed], margin_of(failed),
                                     failed[0]["reason"].splitlines()[0][:200] if failed else
-                                    f"no {'/'.join(m['expect'])} check failed")
+                                    f"no {'/'.join(m['expect'])} check failed", margin_from=margin_source(failed),
+                                    localization=localization_of(cert))
             result.seconds = round(time.monotonic() - started, 1)
             results.append(result)
             progress(_line(result))
     return list(baselines.values()) + results
+
+
+def localization_of(cert: dict[str, Any]) -> str:
+    """'layer 0 attention (q before rope): <weights>' from the first failed row that localized its divergence."""
+    for row in cert.get("checks", []):
+        found = (row.get("localization") or {}).get("first_divergence") or {}
+        if row.get("status") == "failed" and found.get("point"):
+            where = f"layer {found['layer']} {found['submodule']}" if found.get("layer") is not None else found["submodule"]
+            what = found.get("detail") or found.get("parameter", "")
+            weights = ", ".join(w.rsplit(".", 2)[-2] + "." + w.rsplit(".", 1)[-1]
+                                for w in found.get("megatron_weights") or found.get("hf_weights") or [])
+            return f"{where} ({what})" + (f": {weights}" if weights else "")
+        if row.get("status") == "failed" and (row.get("localization") or {}).get("status") == "localized":
+            return row["localization"].get("summary", "")[:120]
+    return ""
 
 
 def _margin_text(margin) -> str:
@@ -256,16 +298,18 @@ def _margin_text(margin) -> str:
 
 def _line(r: Result) -> str:
     caught = ", ".join(c.split("/", 1)[1] for c in r.caught_by[:3]) + (" …" if len(r.caught_by) > 3 else "")
-    return (f"{r.mutation:24} {r.status:14} {_margin_text(r.margin):>10}  {caught or r.detail[:90]}"
+    where = f"  -> {r.localization}" if r.localization else ""
+    return (f"{r.mutation:24} {r.status:14} {_margin_text(r.margin):>10}  {caught or r.detail[:90]}{where}"
             f"  ({r.seconds:.0f} s)")
 
 
 def table(results: list[Result]) -> str:
-    lines = ["| mutation | selection | result | caught by | bug margin | detail |", "|---|---|---|---|---|---|"]
+    lines = ["| mutation | selection | result | caught by | localized at | bug margin | detail |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         caught = ", ".join(f"`{c.split('/', 1)[1]}`" for c in r.caught_by[:4]) + (" …" if len(r.caught_by) > 4 else "")
-        lines.append(f"| {r.mutation} ({r.what}) | {r.selection} | {r.status} | {caught} | {_margin_text(r.margin)} | "
-                     f"{r.detail[:160].replace('|', '/')} |")
+        lines.append(f"| {r.mutation} ({r.what}) | {r.selection} | {r.status} | {caught} | {r.localization} | "
+                     f"{_margin_text(r.margin)} | {r.detail[:160].replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -36,6 +36,17 @@ class Transposed(ConverOp):
         return weights[0].t().contiguous()
 
 
+WINDOW_KEYS = ("window_size", "window_attn_skip_freq")
+
+
+class _WithoutWindows:
+    """Mixed in before a template's class: its Megatron config loses the sliding window (ROLL's mistral template)."""
+
+    def convert_hf_to_mca_config_kws(self, hf_config, **kw_args):
+        out = super().convert_hf_to_mca_config_kws(hf_config, **kw_args)
+        return {k: v for k, v in out.items() if k not in WINDOW_KEYS}
+
+
 def _matches(op: ConverOp, match: dict[str, Any]) -> bool:
     if "type" in match and type(op).__name__ not in ([match["type"]] if isinstance(match["type"], str)
                                                      else match["type"]):
@@ -72,11 +83,27 @@ def _live(template, op: ConverOp, hf_names: set[str] | None) -> bool:
     return any(name_pattern(source).match(name) for source in op.hf_names for name in local)
 
 
-def mutate(template, mutation: dict[str, Any], hf_names: set[str] | None = None):
-    """(mutated copy, None) or (None, why it does not apply to this template and model)."""
+def mutate(template, mutation: dict[str, Any], hf_names: set[str] | None = None, hf_config=None):
+    """(mutated copy, None) or (None, why it does not apply to this template and model).
+
+    hf_names / hf_config: the model's tensors and HF config, to say "not applicable" (None: apply blindly)."""
     mutant = copy.deepcopy(template)
     kind = mutation["kind"]
-    if kind in ("replace_op", "drop_op"):
+    if kind == "swap_sources":  # two ops read each other's HF tensors (q_norm <-> k_norm)
+        pair = [[op for op in mutant.weight_converters if _matches(op, m)] for m in mutation["match"]]
+        if len(pair) != 2 or any(len(ops) != 1 for ops in pair):
+            return None, f"the template has not exactly one op for each of {mutation['match']}"
+        (a,), (b,) = pair
+        if not (_live(mutant, a, hf_names) and _live(mutant, b, hf_names)):
+            return None, f"the model has no tensors the ops matching {mutation['match']} convert"
+        a.hf_names, b.hf_names = b.hf_names, a.hf_names
+    elif kind == "drop_windows":
+        if hf_config is not None and not set(WINDOW_KEYS) & set(template.mca_config_kwargs(hf_config)[0]):
+            return None, "the template sets no sliding window for this model"
+        mutant.__class__ = type(f"{type(template).__name__}WithoutWindows", (_WithoutWindows, type(template)), {})
+        mutant.constant_mca_config = {k: v for k, v in mutant.constant_mca_config.items() if k not in WINDOW_KEYS}
+        mutant.config_hf_to_mca = {k: v for k, v in mutant.config_hf_to_mca.items() if v not in WINDOW_KEYS}
+    elif kind in ("replace_op", "drop_op"):
         hits = [i for i, op in enumerate(mutant.weight_converters) if _matches(op, mutation["match"])]
         if not hits:
             return None, f"the template has no op matching {mutation['match']}"
@@ -112,5 +139,5 @@ def register_mutant(base: str, name: str, mutation: dict[str, Any]) -> None:
     register_template(name, config_hf_to_mca=mutant.config_hf_to_mca, weight_converters=mutant.weight_converters,
                       hf_layer_prefix=mutant.hf_layer_prefix, hf_invalid_keys=mutant.hf_invalid_keys,
                       constant_mca_config=mutant.constant_mca_config, constant_hf_config=mutant.constant_hf_config,
-                      config_mca_to_hf=None, hf_moe_prefix=mutant.hf_moe_prefix,
+                      config_mca_to_hf=None, hf_moe_prefix=mutant.hf_moe_prefix, template_class=type(mutant),
                       source=f"self-test mutation of {base}")

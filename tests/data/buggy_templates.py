@@ -49,3 +49,4 @@ _variant("qwen2-renamed-only", {
     ".self_attention.linear_proj.weight": RenameConverOp(".self_attn.o_proj.weight",
                                                          ".self_attention.linear_proj.weight"),
 })
+_variant("qwen2-eps-unmapped", drop_config=("rms_norm_eps",))

@@ -1,0 +1,108 @@
+"""Activation capture on a megatron-core GPTModel stage (local layer spec), for divergence localization.
+
+Rank side (`capture`): forward hooks record the points of harness.checks.localize, transposed from
+Megatron's [seq, batch, ...] to [batch, seq, ...], keyed by the GLOBAL layer index (TransformerLayer.
+layer_number is 1-based across pipeline stages). q/k before and after rope come from wrapping
+`apply_rotary_pos_emb` as megatron-core's attention module calls it (query, then key, per layer).
+Each rank keeps its own TP shard of the split points. Parent side (`join`): the stages' points
+together, TP shards concatenated along TP_SPLIT_DIM, replicated points from TP rank 0.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from ..checks.localize import TP_SPLIT_DIM
+
+
+def _first_plus_bias(output: Any) -> torch.Tensor:
+    """(output, bias) of a Megatron linear/attention/MLP: the bias is added where HF's module adds it."""
+    if isinstance(output, (tuple, list)):
+        out, bias = output[0], output[1] if len(output) > 1 else None
+        return out + bias if isinstance(bias, torch.Tensor) else out
+    return output
+
+
+def _keep(store: dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> None:
+    store[name] = tensor.detach().float().transpose(0, 1).cpu().contiguous().clone()  # later ops add in place
+
+
+@contextlib.contextmanager
+def capture(model, store: dict[str, torch.Tensor]):
+    from megatron.core.transformer import attention as attention_module
+
+    handles, current = [], {"layer": None, "rope_calls": 0}
+
+    def out_hook(name, with_bias=True):
+        return lambda _m, _a, output: _keep(store, name, _first_plus_bias(output) if with_bias else output[0])
+
+    def in_hook(name):
+        return lambda _m, args: _keep(store, name, args[0])
+
+    def add(module, name, pre=False, with_bias=True):
+        if module is not None:
+            handles.append(module.register_forward_pre_hook(in_hook(name)) if pre else
+                           module.register_forward_hook(out_hook(name, with_bias)))
+
+    if getattr(model, "embedding", None) is not None:
+        add(model.embedding, "embedding")
+    for layer in model.decoder.layers:
+        index = layer.layer_number - 1
+        prefix = f"layers.{index}."
+
+        def enter(_m, _a, i=index):
+            current.update(layer=i, rope_calls=0)
+
+        handles.append(layer.register_forward_pre_hook(enter))
+        add(layer.input_layernorm, prefix + "input_norm")
+        add(layer.self_attention, prefix + "attention")
+        add(getattr(layer.self_attention, "linear_proj", None), prefix + "attention.context", pre=True)
+        add(layer.pre_mlp_layernorm, prefix + "mlp_norm")
+        add(layer.mlp, prefix + "mlp")
+        add(getattr(layer.mlp, "linear_fc2", None), prefix + "mlp.activation", pre=True)
+        add(layer, prefix + "output", with_bias=False)  # (hidden states, context)
+    if getattr(model.decoder, "final_layernorm", None) is not None:
+        add(model.decoder.final_layernorm, "final_norm")
+    if getattr(model, "output_layer", None) is not None:
+        add(model.output_layer, "logits", with_bias=False)
+
+    original = attention_module.apply_rotary_pos_emb
+
+    def recording_rope(t, *args, **kwargs):
+        out = original(t, *args, **kwargs)
+        which = "q" if current["rope_calls"] == 0 else "k"  # Attention.forward rotates query, then key
+        current["rope_calls"] += 1
+        prefix = f"layers.{current['layer']}.attention."
+        _keep(store, prefix + which + "_pre_rope", t)
+        _keep(store, prefix + which, out)
+        return out
+
+    attention_module.apply_rotary_pos_emb = recording_rope
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+        attention_module.apply_rotary_pos_emb = original
+
+
+def _kind(point: str) -> str:
+    parts = point.split(".", 2)
+    return parts[2] if parts[0] == "layers" else point
+
+
+def join(per_rank: dict[tuple[int, int], dict[str, torch.Tensor]], tp: int) -> dict[str, torch.Tensor]:
+    """{(pp, tp): points} -> whole-model points (each point lives on one stage)."""
+    out: dict[str, torch.Tensor] = {}
+    for (stage, tp_rank), points in sorted(per_rank.items()):
+        if tp_rank != 0:
+            continue
+        for point, tensor in points.items():
+            dim = TP_SPLIT_DIM.get(_kind(point))
+            if dim is None or tp == 1:
+                out[point] = tensor
+            else:
+                out[point] = torch.cat([per_rank[(stage, t)][point] for t in range(tp)], dim=dim)
+    return out
