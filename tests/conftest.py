@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 QWEN2_SPEC = REPO / "model_specs" / "qwen2.yaml"
 # CI sets this (.ci/run): the backends whose tests must run, never skip for want of the package
 REQUIRED = [b for b in os.environ.get("CERTIFY_REQUIRE_BACKENDS", "").split(",") if b.strip()]
+# packages that are not backends but whose tests CI must run too (the Ray executor)
+REQUIRED_EXTRAS = [b for b in os.environ.get("CERTIFY_REQUIRE_EXTRAS", "").split(",") if b.strip()]
 MISSING_WORDS = ("not installed", "needs a CUDA GPU; none is visible", "are needed")
 
 
@@ -34,11 +36,12 @@ def pytest_runtest_makereport(item, call):
     """Under CERTIFY_REQUIRE_BACKENDS a test skipped for a missing backend package fails instead."""
     outcome = yield
     report = outcome.get_result()
-    if REQUIRED and report.skipped and isinstance(report.longrepr, tuple):
+    required = REQUIRED + REQUIRED_EXTRAS
+    if required and report.skipped and isinstance(report.longrepr, tuple):
         reason = str(report.longrepr[-1])
-        if any(word in reason for word in MISSING_WORDS) and any(b in reason.lower() for b in REQUIRED):
+        if any(word in reason for word in MISSING_WORDS) and any(b in reason.lower() for b in required):
             report.outcome = "failed"
-            report.longrepr = f"skipped for a backend CI must exercise ({', '.join(REQUIRED)}): {reason}"
+            report.longrepr = f"skipped for a package CI must exercise ({', '.join(required)}): {reason}"
 
 
 def base_spec(name: str = "tmp-model", **changes) -> dict:

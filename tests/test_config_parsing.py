@@ -159,10 +159,19 @@ def test_inactive_sliding_window_keys_pass():
 
 
 def test_active_sliding_window_without_mapping_fails():
-    hf = {**HF_CONFIG, "use_sliding_window": True}
+    # what Qwen2Config derives for use_sliding_window with max_window_layers 0: every layer windowed
+    hf = {**HF_CONFIG, "use_sliding_window": True, "max_window_layers": 0,
+          "layer_types": ["sliding_attention", "sliding_attention"]}
     verdict = judge(_measure(hf), {}, "qwen2")
     assert verdict.status == "failed"
     assert "sliding_window" in verdict.reason and "use_sliding_window" in verdict.reason
+
+
+def test_use_sliding_window_without_windowed_layers_is_inactive():
+    # max_window_layers (28) >= the 2 layers: HF's model windows no layer, whatever use_sliding_window says
+    m = _measure({**HF_CONFIG, "use_sliding_window": True})
+    assert m["keys"]["sliding_window"]["state"] == "inactive"
+    assert judge(m, {}, "qwen2").status == "passed"
 
 
 def test_key_the_backend_does_not_read_fails():

@@ -94,7 +94,7 @@ def test_worst_prompt_set_and_train_gradient_order():
 
 
 def test_a_failed_train_step_names_its_first_diverging_gradient():
-    m = {"structural": [], "loss_diffs": [0.5], "loss_curve": {"reference": [1.0], "backend": [1.5]},
+    m = {"structural": [], "loss_diffs": [0.0, 0.5], "loss_curve": {"reference": [1.0, 1.0], "backend": [1.0, 1.5]},
          "grad_diffs": {"lm_head.weight": 0.0, "model.norm.weight": 0.2, "model.embed_tokens.weight": 0.3},
          "weight_diffs": {"lm_head.weight": 0.0}, "noise_gradient_weight_diffs": {}, "noise_gradient_elements": 0}
     tol = {"max_loss_diff": 1e-5, "max_grad_diff": 1e-5, "max_weight_diff": 1e-5}
@@ -104,6 +104,9 @@ def test_a_failed_train_step_names_its_first_diverging_gradient():
     assert verdict.localization["first_divergence"]["parameter"] == "model.norm.weight"
     assert "first diverging gradient in backward order: model.norm.weight" in verdict.reason
     assert "localization" in verdict.as_dict()
+    m["loss_diffs"] = [0.5, 0.5]  # the forward itself differs: the gradient walk would only name the head
+    forward = train.judge(m, tol, "w", forward_order=["model.embed_tokens.weight", "lm_head.weight"])
+    assert forward.localization["status"] == "not_localized" and "logits row" in forward.localization["reason"]
 
 
 # ---- the six cases of the issue, through the real backends ----

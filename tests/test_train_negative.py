@@ -53,7 +53,8 @@ def _run(tmp: Path, spec_path: Path, backend: str, dtype: str = "float32", **arg
         got = worker.call("train", {"dir": ref_dir, "dtype": dtype, "sequences": seqs, "steps": STEPS,
                                     "out_dir": str(tmp / "backend"), **args}, timeout=600)
         if dtype == "float32":
-            return train.judge(train.measure(ref, got), TOLERANCE, f"{backend} float32")
+            return train.judge(train.measure(ref, got), TOLERANCE, f"{backend} float32",
+                               forward_order=ref.get("parameter_order"))
         return train.evaluate(ref, got, dtype, {}, f"{backend} {dtype}", (ref, reference("float32")))
     finally:
         hf.close()
@@ -90,6 +91,9 @@ def test_reverse_only_gate_up_swap_fails_the_megatron_train_step(tmp_path):
     verdict = _run(tmp_path, spec, "megatron", tp=1, pp=1, template="qwen2-swap-back")
     assert verdict.status == "failed"
     assert "gate_proj.weight" in verdict.reason and "up_proj.weight" in verdict.reason
+    # the forward agrees, so the gradient walk localizes it: the last layer's MLP, first met from the loss
+    found = verdict.localization["first_divergence"]["parameter"]
+    assert found in ("model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.gate_proj.weight"), found
 
 
 @pytest.mark.skipif(needs["megatron"], reason="megatron-core not installed")

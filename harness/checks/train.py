@@ -123,6 +123,11 @@ def localize(m: dict[str, Any], tolerance: dict[str, float], forward_order: list
     """A failed step: the first parameter, backward from the loss, whose first-step gradient diverges."""
     if not m["grad_diffs"]:
         return {"status": "not_localized", "reason": "no first-step gradient was compared"}
+    if m["loss_diffs"] and not m["loss_diffs"][0] <= tolerance["max_loss_diff"]:
+        # every gradient then differs from the output backwards, naming the head: say where to look instead
+        return {"status": "not_localized",
+                "reason": f"the first step's loss already differs ({m['loss_diffs'][0]:.3g}): the forward pass "
+                          "diverges, which this layout's logits row localizes; gradients are compared when it agrees"}
     found = first_diverging_gradient(m["grad_diffs"], tolerance["max_grad_diff"], forward_order or [])
     if found is None:
         return {"status": "not_localized",
