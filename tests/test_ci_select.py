@@ -29,7 +29,7 @@ def specs() -> dict:
     return out
 
 
-ALL = ["custom", "llama", "nested", "qwen2"]
+ALL = sorted([*known_model_names(), "custom", "nested"])  # every repo spec plus the two out-of-tree ones
 
 
 def test_load_specs_reads_every_repo_spec():
@@ -56,7 +56,8 @@ def test_spec_only(specs, paths, expected):
     (["harness/templates/qwen2.py"], ["nested", "qwen2"]),  # nested's template is its hf_model_type, qwen2
     (["harness/templates/llama.py"], ["llama"]),
     (["harness/templates/custom.py"], ["custom"]),  # converter.template names a built-in one
-    (["harness/templates/mistral.py"], []),  # a template no spec uses yet
+    (["harness/templates/mistral.py"], ["mistral"]),
+    (["harness/templates/unused.py"], []),  # a template no spec uses yet
 ])
 def test_template_only(specs, paths, expected):
     assert select_models(paths, specs)[0] == expected

@@ -184,7 +184,16 @@ def test_ci_requires_the_backends_it_exists_to_exercise(tmp_path):
     env.pop("PYTEST_XDIST_WORKER", None)
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                           str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0 and "skipped for a backend CI must exercise" in run.stdout, run.stdout[-2000:]
+    assert run.returncode != 0 and "skipped for a package CI must exercise" in run.stdout, run.stdout[-2000:]
+    # the Ray executor is no backend, but CI requires its tests the same way
+    assert "CERTIFY_REQUIRE_EXTRAS=ray" in ci
+    (tmp_path / "test_skips.py").write_text(
+        "import pytest\n\n@pytest.mark.skipif(True, reason='ray is not installed')\ndef test_x():\n    pass\n")
+    extras = {k: v for k, v in env.items() if k != "CERTIFY_REQUIRE_BACKENDS"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                          str(tmp_path)], cwd=tmp_path, env={**extras, "CERTIFY_REQUIRE_EXTRAS": "ray"},
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "skipped for a package CI must exercise (ray)" in run.stdout, run.stdout[-2000:]
     env.pop("CERTIFY_REQUIRE_BACKENDS")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                           str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
