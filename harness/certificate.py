@@ -91,7 +91,7 @@ def seal(cert: dict[str, Any], key: str | None = None) -> dict[str, str]:
 
 def build(model: str, spec_sha256: str, versions: dict[str, str], checks: list[dict[str, Any]],
           command: str = "", spec_path: str = "", spec_text: str = "", device: dict[str, Any] | None = None,
-          calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+          calibration: dict[str, Any] | None = None, reference: dict[str, Any] | None = None) -> dict[str, Any]:
     cert = {
         "certificate_version": CERTIFICATE_VERSION,
         "model": model,
@@ -108,6 +108,8 @@ def build(model: str, spec_sha256: str, versions: dict[str, str], checks: list[d
         "calibration": calibration,  # {file, sha256, generated} of the checked-in calibration its bounds cite
         "checks": checks,
     }
+    if reference is not None:  # a real checkpoint (reference.path): the files certified, with their sha256
+        cert["reference"] = reference
     cert["integrity"] = seal(cert)
     return cert
 
@@ -158,6 +160,10 @@ def render_markdown(cert: dict[str, Any]) -> str:
         "",
         *([f"calibration: `{cal['file']}` (sha256 `{cal['sha256'][:16]}…`, generated {cal['generated']})", ""]
           if (cal := cert.get("calibration")) else []),
+        *([f"reference checkpoint: `{ref['path']}` ({len(ref['files'])} files"
+           + (", sharded" if ref["sharded"] else "") + "): "
+           + ", ".join(f"`{f['name']}` sha256 `{f['sha256'][:16]}…`" for f in ref["files"]), ""]
+          if (ref := cert.get("reference")) else []),
         "| check | status | metrics | tolerance | reason |",
         "|---|---|---|---|---|",
     ]

@@ -24,6 +24,24 @@ from .verdict import Verdict
 from .workers import WorkerPool
 
 
+def reference_record(spec: Spec) -> dict[str, Any] | None:
+    """The certificate's `reference`: a real checkpoint's directory and every file in it (name, bytes,
+    sha256), or None for a tiny random reference. spec_plugins.validate_environment checked the files."""
+    if spec.reference.path is None:
+        return None
+    import hashlib
+
+    path = spec.resolve_relative(spec.reference.path)
+    files = []
+    for item in sorted(p for p in path.iterdir() if p.is_file()):
+        digest = hashlib.sha256()
+        with open(item, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+        files.append({"name": item.name, "bytes": item.stat().st_size, "sha256": digest.hexdigest()})
+    return {"path": str(path), "sharded": (path / "model.safetensors.index.json").is_file(), "files": files}
+
+
 class CertifySession:
     def __init__(self, specs: list[Spec], backends: list[str] | None = None, dtypes: list[str] | None = None,
                  report_dir: str | Path = "reports", device: devices.Device | None = None,
@@ -31,6 +49,8 @@ class CertifySession:
         self.specs = {spec.name: spec for spec in specs}
         # each spec's checked-in calibration file (SpecError when it is missing or malformed): bounds cite it
         self.citations = {spec.name: calibration.load(spec) for spec in specs}
+        # a real checkpoint (reference.path) is certified as it is: its files and their sha256, read before use
+        self.references = {spec.name: reference_record(spec) for spec in specs}
         # where every computing worker operation runs (--device / CERTIFY_DEVICE) and how many GPUs it may use
         self.device = device or devices.CPU
         self.backends, self.dtypes = backends or [], dtypes or []
@@ -180,7 +200,8 @@ class CertifySession:
             citation = self.citations.get(name)
             out[name] = certificate.build(name, spec.sha256, dict(sorted(self.versions.items())), rows, command,
                                           str(spec.source or ""), spec.text, device=self.device_for(name),
-                                          calibration=citation.as_dict() if citation else None)
+                                          calibration=citation.as_dict() if citation else None,
+                                          reference=getattr(self, "references", {}).get(name))
         return out
 
     @property

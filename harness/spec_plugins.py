@@ -260,18 +260,25 @@ def validate_environment(spec: Spec) -> None:
             raise SpecError(spec.source, "reference.path", f"{path} does not exist or is not a directory")
         if not (path / "config.json").is_file():
             raise SpecError(spec.source, "reference.path", f"{path} has no config.json")
-        weights = sorted(path.glob("*.safetensors"))
-        if not weights:
-            raise SpecError(spec.source, "reference.path", f"{path} has no *.safetensors weights")
-        from safetensors import safe_open
+        from .convert.stream import INDEX_FILE, ConvertError, hf_weight_files
 
-        for weight in weights:  # reads only the header: cheap even for a large checkpoint
-            try:
-                with safe_open(str(weight), framework="pt"):
-                    pass
-            except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
-                raise SpecError(spec.source, "reference.path",
-                                f"{weight} is not a valid safetensors file: {exc}") from None
+        if not (path / INDEX_FILE).is_file():
+            weights = sorted(path.glob("*.safetensors"))
+            if not weights:
+                raise SpecError(spec.source, "reference.path", f"{path} has no *.safetensors weights")
+            from safetensors import safe_open
+
+            for weight in weights:  # reads only the header: cheap even for a large checkpoint
+                try:
+                    with safe_open(str(weight), framework="pt"):
+                        pass
+                except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
+                    raise SpecError(spec.source, "reference.path",
+                                    f"{weight} is not a valid safetensors file: {exc}") from None
+        try:  # sharded: every shard the index's weight_map names exists and is valid (headers only)
+            hf_weight_files(path)
+        except ConvertError as exc:
+            raise SpecError(spec.source, "reference.path", exc.one_line()) from None
         try:  # the checkpoint's own config is the reference then; reference.config is not used
             hf_config = type(default).from_dict(json.loads((path / "config.json").read_text()))
         except Exception as exc:  # noqa: BLE001 - bad JSON, a value the config class rejects

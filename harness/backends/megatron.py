@@ -217,18 +217,14 @@ class MegatronBackend(Backend):
         import json
         import tempfile
 
-        from safetensors.torch import save_file
-
-        from ..convert import dist
-        from ..convert.refit import load_hf_state
+        from ..convert.stream import hf_to_shard_files
         from .megatron_ranks import run_rank
 
         hf_config, template_obj, kwargs, absent, view = self._template_and_view(dir, template)
-        mca_state, report = template_obj.hf_to_mca(load_hf_state(dir), view)
-        layout = dist.layout_for(view, report, tp, pp)
         with tempfile.TemporaryDirectory(prefix="harness-mcore-") as tmp:
-            for (p, t), shard in dist.shard(mca_state, layout).items():
-                save_file(shard, f"{tmp}/pp{p}_tp{t}.safetensors")
+            # streamed tensor by tensor (the index's shards, in order) into the shard files: the whole HF
+            # state is never held here; mca_state is the planned Megatron tensors on meta (names, shapes)
+            mca_state, report, layout = hf_to_shard_files(Path(dir), template_obj, view, tp, pp, Path(tmp))
             # device: gloo ranks on cpu; on cuda NCCL, one GPU per rank (megatron_ranks.setup_group)
             # spec_path: the ranks import the spec's plugins (a trainer-side seam replaced there, as for DeepSpeed)
             spec_path = str(self.spec.source) if getattr(self, "spec", None) and self.spec.source else None

@@ -37,11 +37,15 @@ def planted_fault() -> dict | None:
 
 
 def load_hf_state(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The whole checkpoint in memory (the round trip and the engine side of refit compare whole dicts):
+    the files the index's weight_map names, else every *.safetensors (stream.hf_weight_files)."""
     from safetensors.torch import load_file
 
+    from .stream import hf_weight_files
+
     state: dict[str, torch.Tensor] = {}
-    for shard in sorted(Path(directory).glob("*.safetensors")):
-        state.update(load_file(shard))
+    for f in hf_weight_files(Path(directory)):
+        state.update(load_file(f.path))
     return state
 
 

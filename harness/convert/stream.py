@@ -365,7 +365,7 @@ def hf_weight_files(in_dir: Path) -> list[SafetensorsFile]:
         names = sorted(set(weight_map.values()))
         for name in names:
             if not (in_dir / name).is_file():
-                raise ConvertError(in_dir / name, f"missing (listed in {INDEX_FILE})")
+                raise ConvertError(index, f"weight_map names shard {name}, which is missing ({in_dir / name})")
         paths = [in_dir / n for n in names]
     else:
         paths = sorted(in_dir.glob("*.safetensors"))
@@ -378,6 +378,10 @@ def hf_weight_files(in_dir: Path) -> list[SafetensorsFile]:
             if e.name in seen:
                 raise ConvertError(f.path, f"{e.name} is also in {seen[e.name]}")
             seen[e.name] = f.path
+    if index.is_file():
+        for tensor, name in sorted(weight_map.items()):
+            if seen.get(tensor) != in_dir / name:
+                raise ConvertError(index, f"weight_map puts {tensor} in {name}, which does not hold it")
     return files
 
 
@@ -526,6 +530,56 @@ def _write_shards(outputs: dict[str, torch.Tensor], layout: dist.Layout,
     for mca_name, tensor in outputs.items():
         for key, local, piece in _shard_one(mca_name, tensor, layout):
             writers[key].write(local, piece, reader.origin(piece))
+
+
+def hf_to_shard_files(in_dir: Path, template, view: McaConfigView, tp: int, pp: int, out_dir: Path):
+    """The Megatron backend's conversion: an HF checkpoint (its index's shards, else every *.safetensors)
+    to out_dir/pp{p}_tp{t}.safetensors, tensor by tensor as to_mcore streams (the same files
+    dist.shard + save_file give). Unlike to_mcore it does not stop at conversion problems: the checks
+    judge them from the report. Returns (planned Megatron tensors by name, on meta: names, shapes and
+    dtypes only; the report; the layout). Bad input is a ConvertError."""
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    files = hf_weight_files(in_dir)
+    converter = template.converter(view, to_mca=True)
+    planned: dict[str, torch.Tensor] = {}
+    try:
+        with MetaPlanning():  # pass 1: what every shard file holds
+            for f in files:
+                for e in f.entries:
+                    planned.update(converter.add(e.name, e.meta()))
+    except Exception:  # noqa: BLE001 - a user's op that cannot run on meta tensors: plan on real ones, streamed
+        converter, planned = template.converter(view, to_mca=True), {}
+        reader = SourceReader([f.path for f in files])
+        try:
+            for f in files:
+                for e in f.entries:
+                    for mca_name, tensor in converter.add(e.name, reader.read(f.path, e)).items():
+                        planned[mca_name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+        finally:
+            reader.close()
+    layout = dist.layout_for(view, converter.finish(), tp, pp)
+    outputs: dict[tuple[int, int], dict[str, tuple[str, tuple[int, ...]]]] = {
+        (p, t): {} for p in range(pp) for t in range(tp)}
+    with MetaPlanning():
+        for mca_name, meta in planned.items():
+            for key, local, piece in _shard_one(mca_name, meta, layout):
+                outputs[key][local] = (SAFETENSORS_DTYPES[piece.dtype], tuple(piece.shape))
+    writers = {key: StreamWriter(out_dir / f"pp{key[0]}_tp{key[1]}.safetensors", entries)
+               for key, entries in outputs.items()}
+    converter = template.converter(view, to_mca=True)
+    reader = SourceReader([f.path for f in files])
+    try:  # pass 2: real tensors, one at a time; a piece is written and dropped
+        for f in files:
+            for e in f.entries:
+                for mca_name, tensor in converter.add(e.name, reader.read(f.path, e)).items():
+                    for key, local, piece in _shard_one(mca_name, tensor, layout):
+                        if local in writers[key].missing:  # a duplicate output is a reported problem already
+                            writers[key].write(local, piece, reader.origin(piece))
+    finally:
+        reader.close()
+        for writer in writers.values():
+            writer.close()
+    return planned, converter.finish(), layout
 
 
 def to_mcore(in_dir: Path, out_dir: Path, tp: int = 1, pp: int = 1, template_name: str | None = None,
