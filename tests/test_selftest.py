@@ -66,6 +66,27 @@ def test_a_mutation_for_tensors_the_model_lacks_is_not_applicable(templates):
     assert mutant is None and "maps none of" in why
 
 
+def test_qk_norm_and_window_mutations_apply_only_where_the_model_has_them():
+    from harness.selftest import _applicable, catalogue as load
+
+    selections, entries = load()
+    entries = {m["name"]: m for m in entries}
+    expected = {"qwen2": (False, False), "llama": (False, False), "qwen3": (True, True), "mistral": (False, True)}
+    for model, (qk, window) in expected.items():
+        spec = load_spec(REPO / "model_specs" / f"{model}.yaml")
+        validate_environment(spec)
+        assert (_applicable(spec, selections["wiring"], entries["qk-norm-swap"]) is None) is qk, model
+        assert (_applicable(spec, selections["wiring"], entries["sliding-window-unmapped"]) is None) is window, model
+    qwen3 = resolve_template(load_spec(REPO / "model_specs" / "qwen3.yaml"))
+    mutant, _ = mutate(qwen3, entries["qk-norm-swap"]["template"])
+    assert _ops(mutant, "q_layernorm.weight")[0].hf_names == [".self_attn.k_norm.weight"]
+    assert _ops(mutant, "k_layernorm.weight")[0].hf_names == [".self_attn.q_norm.weight"]
+    config = {"num_hidden_layers": 2, "sliding_window": 16}
+    mutant, _ = mutate(qwen3, entries["sliding-window-unmapped"]["template"])
+    assert "window_size" in qwen3.mca_config_kwargs(config)[0]
+    assert "window_size" not in mutant.mca_config_kwargs(config)[0]
+
+
 def test_bug_margin_is_the_largest_broken_bound_ratio():
     row = {"metrics": {"max_abs_logprob": 2.0, "top1_agreement": 0.5},
            "tolerance": {"max_abs_logprob": {"value": 1e-4, "metric": "max_abs_logprob", "upper": True},

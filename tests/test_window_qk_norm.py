@@ -140,7 +140,7 @@ def test_rope_scaling_never_reaches_transformer_config():
 
 # ---------------------------------------------------------------- through the workers
 
-pytestmark_workers = pytest.mark.skipif(not HAVE_MEGATRON, reason="megatron-core not installed")
+needs_megatron = pytest.mark.skipif(not HAVE_MEGATRON, reason="megatron-core not installed")
 
 
 def _rig(tmp_path_factory, model: str):
@@ -169,17 +169,18 @@ def mistral_rig(tmp_path_factory):
     r.close()
 
 
-@pytestmark_workers
+@needs_megatron
 def test_qwen3_passes_at_tp2_and_the_qk_norm_swap_fails_logits(qwen3_rig):
     verdict = qwen3_rig.judge("qwen3", 2, 1)
     assert verdict.status == "passed", verdict.reason
     verdict = qwen3_rig.judge("qwen3-qk-norm-swap", 1, 1)
+    print(f"qk-norm swap: max_abs_logprob {verdict.metrics['max_abs_logprob']:.3g}")
     assert verdict.status == "failed"
     assert "tp1pp1 float32 prompt set" in verdict.reason and "max_abs_logprob" in verdict.reason
     assert verdict.metrics["max_abs_logprob"] > 100 * verdict.tolerance["max_abs_logprob"]
 
 
-@pytestmark_workers
+@needs_megatron
 def test_mistral_passes_at_pp2_and_an_unmapped_window_fails_config_and_logits(mistral_rig):
     verdict = mistral_rig.judge("mistral", 1, 2)
     assert verdict.status == "passed", verdict.reason
@@ -189,5 +190,6 @@ def test_mistral_passes_at_pp2_and_an_unmapped_window_fails_config_and_logits(mi
     others = {k for k, row in measurement["keys"].items() if row["state"] in ("unmapped", "mismatch")}
     assert others == {"sliding_window"}, others  # the only bug, and the only key named
     verdict = mistral_rig.judge("mistral-window-unmapped", 1, 1)
+    print(f"window unmapped: max_abs_logprob {verdict.metrics['max_abs_logprob']:.3g}")
     assert verdict.status == "failed" and "max_abs_logprob" in verdict.reason
     assert verdict.metrics["max_abs_logprob"] > 100 * verdict.tolerance["max_abs_logprob"]

@@ -176,7 +176,8 @@ MEGATRON_RULES: dict[str, Rule] = {
                        lambda cfg: float(cfg["rope_theta"]), lambda b: float(b["gpt"]["rotary_base"])),
     # a config.json from transformers 4 (5 folds it into rope_parameters); ROLL's llama maps it to rope_scaling
     "rope_scaling": Rule(frozenset({"rotary_scaling", "rope_scaling"}), lambda cfg: _scaling(cfg["rope_scaling"]),
-                         lambda b: _mca_scaling(b["gpt"]), inactive=lambda cfg: _scaling(cfg.get("rope_scaling")) is None),
+                         lambda b: _mca_scaling(b["gpt"]),
+                         inactive=lambda cfg: _scaling(cfg.get("rope_scaling")) is None),
     # windows are compared per layer, in HF's terms (W keys, harness/windows.py): size and pattern at once
     "use_sliding_window": Rule(frozenset({"window_size"}), lambda cfg: not _no_window(cfg),
                                lambda b: any(w is not None for w in _mca_windows(b)), inactive=_no_window),
