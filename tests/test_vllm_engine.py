@@ -78,6 +78,7 @@ def test_out_of_tree_class_dropping_qkv_bias_fails_logits(make_spec, run_certify
     got = _statuses(run, "qwen2-nobias")
     assert got["logits/vllm/float32"][0] == "failed", got
     row = next(c for c in run.certificate("qwen2-nobias")["checks"] if c["id"] == "qwen2-nobias/logits/vllm/float32")
+    assert "localization" in row, row["reason"][:1500]
     found = row["localization"]["first_divergence"]
     assert found["point"] == "layers.0.attention.q_pre_rope" and "model.layers.0.self_attn.q_proj.bias" in found["hf_weights"]
 

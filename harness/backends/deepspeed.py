@@ -65,14 +65,10 @@ class DeepSpeedBackend(Backend):
         for dtype in dtypes:
             self._spawn({"mode": "capture", "dir": dir, "stage": stage, "dtype": dtype, "sequences": sequences,
                          "out_path": files[dtype]}, world)
-        from safetensors import safe_open
+        from ..convert.stream import hf_tensor_names
 
-        names = set()
-        for shard in Path(dir).glob("*.safetensors"):
-            with safe_open(str(shard), "pt") as f:
-                names.update(f.keys())
         config = json.loads((Path(dir) / "config.json").read_text())
-        return {"files": files, "load_problems": [], "origin": {"hf_names": sorted(names)},
+        return {"files": files, "load_problems": [], "origin": {"hf_names": hf_tensor_names(dir)},
                 "num_layers": int(config["num_hidden_layers"])}
 
 

@@ -143,9 +143,9 @@ class VLLMBackend(Backend):
 
     def op_capture(self, dir: str, dtypes: list[str], sequences: list[list[int]], out_dir: str) -> dict[str, Any]:  # noqa: A002
         """Divergence localization: the activation points of each sequence's prefill in the in-process engine."""
-        from safetensors import safe_open
         from safetensors.torch import save_file
 
+        from ..convert.stream import hf_tensor_names
         from .vllm_capture import capture
 
         config = json.loads((Path(dir) / "config.json").read_text())
@@ -158,12 +158,8 @@ class VLLMBackend(Backend):
             files[dtype] = f"{out_dir}/{dtype}/capture.safetensors"
             Path(files[dtype]).parent.mkdir(parents=True, exist_ok=True)
             save_file(points, files[dtype])
-        names = set()
-        for shard in Path(dir).glob("*.safetensors"):
-            with safe_open(str(shard), "pt") as f:
-                names.update(f.keys())
         return {"files": files, "load_problems": [], "capture_problems": problems,
-                "origin": {"hf_names": sorted(names), "not_captured": {
+                "origin": {"hf_names": hf_tensor_names(dir), "not_captured": {
                     "logits": "vLLM computes logits outside the module tree, only at sampled positions"}},
                 "num_layers": int(config["num_hidden_layers"])}
 

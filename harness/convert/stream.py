@@ -355,6 +355,11 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def hf_tensor_names(in_dir: str | Path) -> list[str]:
+    """Every tensor name of a checkpoint (its index's shards, else every *.safetensors), read from the headers."""
+    return sorted(e.name for f in hf_weight_files(Path(in_dir)) for e in f.entries)
+
+
 def hf_weight_files(in_dir: Path) -> list[SafetensorsFile]:
     """The checkpoint's safetensors files: the index's when there is one, else every *.safetensors."""
     index = in_dir / INDEX_FILE
