@@ -329,6 +329,14 @@ def _busy(run: dict, backend: str) -> float:
     return run["workers"].get(backend, {}).get("busy_s", 0.0)
 
 
+def ratios(runs: dict[str, list[dict]]) -> list[tuple[str, list[float], list[float]]]:
+    """(name, harness seconds per round, bare seconds per round) of the three ratios judged against GOAL."""
+    harness, bare = runs["harness"], runs["bare"]
+    return [("(a) wall, whole run", [r["wall_s"] for r in harness], [r["wall_s"] for r in bare]),
+            ("(b) vLLM worker busy", [_busy(r, "vllm") for r in harness], [r["busy_s"] for r in bare]),
+            ("(c) CPU, whole run", [r["cpu_s"] for r in harness], [r["cpu_s"] for r in bare])]
+
+
 def report(runs: dict[str, list[dict]], args) -> None:
     harness, bare = runs["harness"], runs["bare"]
     print("\nper round, seconds. harness: wall = startup (pytest, plugin, spec validation, collection) + checks "
@@ -385,9 +393,7 @@ def report(runs: dict[str, list[dict]], args) -> None:
     selection = "every vLLM check" if args.full else "vLLM checks without the trainer-scored rollout variants"
     print(f"\n{args.model} {args.dtype}, {selection}; {len(harness)} round(s); goal <= {GOAL}x")
     print(f"  {'':<24} {'':<6} {'harness s':>10} {'bare s':>8} {'ratio':>7}  met")
-    for name, hs, bs in (("(a) wall, whole run", [r["wall_s"] for r in harness], [r["wall_s"] for r in bare]),
-                         ("(b) vLLM worker busy", [_busy(r, "vllm") for r in harness], [r["busy_s"] for r in bare]),
-                         ("(c) CPU, whole run", [r["cpu_s"] for r in harness], [r["cpu_s"] for r in bare])):
+    for name, hs, bs in ratios(runs):
         for how, fn in (("median", statistics.median), ("best", min)):
             h, b = fn(hs), fn(bs)
             print(f"  {name:<24} {how:<6} {h:>10.1f} {b:>8.1f} {_ratio(h, b):>7}  "
@@ -396,6 +402,43 @@ def report(runs: dict[str, list[dict]], args) -> None:
           "\n  (b) is the engine side alone (harness ops serialise their records to JSON; refit also converts the"
           "\n  checkpoint to (tp, pp) shards and back); (c) is (a) in CPU seconds, less sensitive to other load."
           "\n  The machine may be shared: best-of-rounds is shown beside the median.")
+
+
+def plan_for(model: str, dtype: str, full: bool, work: Path):
+    """(spec, bare call plans, harness command, reference dir) for one model and dtype; the reference is built
+    (once, cached) before either side runs, as the HF worker would."""
+    from fixtures.tiny_models import materialize
+    from harness.spec import load_spec, spec_path_for
+
+    spec = load_spec(spec_path_for(model))
+    ref = spec.reference
+    ref_dir = str(materialize(spec.hf_model_type, ref.config, ref.seed, "float32",
+                              str(spec.resolve_relative(ref.path)) if ref.path else None))
+    vocab = json.loads((Path(ref_dir) / "config.json").read_text())["vocab_size"]
+    return spec, build_plan(spec, dtype, ref_dir, vocab), harness_command(spec, model, dtype, str(work / "reports"),
+                                                                          full), ref_dir
+
+
+def measure(spec, model: str, dtype: str, plans: list[dict], cmd: list[str], work: Path, rounds: int = 1,
+            warmup: bool = True, ref_dir: str = "", echo=lambda line: print(line, flush=True)) -> dict[str, list[dict]]:
+    """Harness and bare runs, interleaved per round (after an untimed engine start unless warmup is False)."""
+    env = engine_env()
+    echo(f"reference: {ref_dir}")
+    echo(f"harness: {shlex.join(['python', *cmd[1:]])}")
+    echo(f"bare: {sum(len(p['calls']) for p in plans)} calls on {len(plans)} engine(s): "
+         + ", ".join(c["label"] for p in plans for c in p["calls"]))
+    if warmup:
+        t = time.perf_counter()
+        run_bare([{**plans[0], "calls": []}], work, env)
+        echo(f"warm-up engine start (untimed): {time.perf_counter() - t:.1f} s")
+    runs: dict[str, list[dict]] = {"harness": [], "bare": []}
+    for i in range(rounds):
+        order = ("harness", "bare") if i % 2 == 0 else ("bare", "harness")
+        for side in order:
+            t = time.perf_counter()
+            runs[side].append(run_harness(cmd, model) if side == "harness" else run_bare(plans, work, env))
+            echo(f"round {i} {side}: {time.perf_counter() - t:.1f} s")
+    return runs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -410,42 +453,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="print the harness command and the bare script's call list (no vLLM) and exit")
     args = parser.parse_args(argv)
 
-    from harness.spec import load_spec, spec_path_for
-
-    spec = load_spec(spec_path_for(args.model))
     work = Path(tempfile.mkdtemp(prefix="bench-engines-"))
     try:
-        if args.show_plan:
-            ref_dir, vocab = "<reference dir>", int(spec.reference.config.get("vocab_size") or 512)
-        else:
-            from fixtures.tiny_models import materialize
+        if args.show_plan:  # no vLLM, no reference built
+            from harness.spec import load_spec, spec_path_for
 
-            ref = spec.reference  # built (once, cached) before either side runs, as the HF worker would
-            ref_dir = str(materialize(spec.hf_model_type, ref.config, ref.seed, "float32",
-                                      str(spec.resolve_relative(ref.path)) if ref.path else None))
-            vocab = json.loads((Path(ref_dir) / "config.json").read_text())["vocab_size"]
-        plans = build_plan(spec, args.dtype, ref_dir, vocab)
-        cmd = harness_command(spec, args.model, args.dtype, str(work / "reports"), args.full)
-        if args.show_plan:
+            spec = load_spec(spec_path_for(args.model))
+            vocab = int(spec.reference.config.get("vocab_size") or 512)
+            plans = build_plan(spec, args.dtype, "<reference dir>", vocab)
+            cmd = harness_command(spec, args.model, args.dtype, str(work / "reports"), args.full)
             print(json.dumps({"harness": cmd, "bare": [{**p, "calls": [c["label"] for c in p["calls"]]}
                                                        for p in plans]}, indent=1))
             return
-        env = engine_env()
-        print(f"reference: {ref_dir}")
-        print(f"harness: {shlex.join(['python', *cmd[1:]])}")
-        print(f"bare: {sum(len(p['calls']) for p in plans)} calls on {len(plans)} engine(s): "
-              + ", ".join(c["label"] for p in plans for c in p["calls"]))
-        if not args.no_warmup:
-            t = time.perf_counter()
-            run_bare([{**plans[0], "calls": []}], work, env)
-            print(f"warm-up engine start (untimed): {time.perf_counter() - t:.1f} s")
-        runs: dict[str, list[dict]] = {"harness": [], "bare": []}
-        for i in range(args.rounds):
-            order = ("harness", "bare") if i % 2 == 0 else ("bare", "harness")
-            for side in order:
-                t = time.perf_counter()
-                runs[side].append(run_harness(cmd, args.model) if side == "harness" else run_bare(plans, work, env))
-                print(f"round {i} {side}: {time.perf_counter() - t:.1f} s", flush=True)
+        spec, plans, cmd, ref_dir = plan_for(args.model, args.dtype, args.full, work)
+        runs = measure(spec, args.model, args.dtype, plans, cmd, work, args.rounds, not args.no_warmup, ref_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(runs, args)

@@ -50,34 +50,51 @@ def _measure(executor: str, job: str, ref_dir: str, sets: dict, tmp: str) -> tup
         worker.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--job", choices=("logprobs", "train"), default="logprobs")
-    parser.add_argument("--rounds", type=int, default=1)
-    args = parser.parse_args(argv)
-
-    from fixtures.prompts import prompt_sets
+def reference_dir() -> str:
+    """The tiny qwen2 spec's fp32 reference, materialised by a real HF worker (not timed)."""
     from harness.spec import load_spec
     from harness.workers import Worker
 
     spec = load_spec(SPEC)
     hf = Worker("hf", str(SPEC))
     try:
-        ref_dir = hf.call("materialize", {"model_type": spec.hf_model_type, "overrides": spec.reference.config,
-                                          "seed": spec.reference.seed, "dtype": "float32", "path": None})["dir"]
+        return hf.call("materialize", {"model_type": spec.hf_model_type, "overrides": spec.reference.config,
+                                       "seed": spec.reference.seed, "dtype": "float32", "path": None})["dir"]
     finally:
         hf.close()
-    sets = prompt_sets(spec.reference.config["vocab_size"])
+
+
+def measure(job: str = "logprobs", rounds: int = 1, echo=print) -> dict[str, list[tuple[float, float]]]:
+    """(cold, warm) seconds per round for each executor, interleaved; `echo` gets one line per run."""
+    from fixtures.prompts import prompt_sets
+    from harness.spec import load_spec
+
+    ref_dir = reference_dir()
+    sets = prompt_sets(load_spec(SPEC).reference.config["vocab_size"])
     times: dict[str, list[tuple[float, float]]] = {"local": [], "ray": []}
-    print(f"megatron {args.job} TP2xPP2 fp32, tiny qwen2; seconds (cold = worker start + first job)")
-    print(f"{'round':>5} {'executor':>8} {'cold':>8} {'warm':>8}")
+    echo(f"megatron {job} TP2xPP2 fp32, tiny qwen2; seconds (cold = worker start + first job)")
+    echo(f"{'round':>5} {'executor':>8} {'cold':>8} {'warm':>8}")
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
-        for round_ in range(args.rounds):
+        for round_ in range(rounds):
             for executor in times:
-                cold, warm = _measure(executor, args.job, ref_dir, sets, f"{tmp}/{round_}")
+                cold, warm = _measure(executor, job, ref_dir, sets, f"{tmp}/{round_}")
                 times[executor].append((cold, warm))
-                print(f"{round_:>5} {executor:>8} {cold:>8.1f} {warm:>8.1f}", flush=True)
-    median = {e: [statistics.median(t[i] for t in rows) for i in (0, 1)] for e, rows in times.items()}
+                echo(f"{round_:>5} {executor:>8} {cold:>8.1f} {warm:>8.1f}")
+    return times
+
+
+def medians(times: dict[str, list[tuple[float, float]]]) -> dict[str, list[float]]:
+    """executor -> [median cold, median warm]."""
+    return {e: [statistics.median(t[i] for t in rows) for i in (0, 1)] for e, rows in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--job", choices=("logprobs", "train"), default="logprobs")
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    median = medians(measure(args.job, args.rounds, lambda line: print(line, flush=True)))
     print(f"median   local {median['local'][0]:.1f}s / {median['local'][1]:.1f}s, "
           f"ray {median['ray'][0]:.1f}s / {median['ray'][1]:.1f}s (cold / warm)")
     print(f"ratio ray/local: cold {median['ray'][0] / median['local'][0]:.2f}x, "

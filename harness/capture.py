@@ -73,3 +73,57 @@ def hf_capture(model, store: dict[str, torch.Tensor]):
             handle.remove()
         if original is not None:
             modeling.apply_rotary_pos_emb = original
+
+
+def _router(layer):
+    """The layer's top-k router (transformers 5: `mlp.gate` returning (logits, scores, indices)); None: dense."""
+    gate = getattr(getattr(layer, "mlp", None), "gate", None)
+    return gate if gate is not None and hasattr(gate, "top_k") else None
+
+
+@contextlib.contextmanager
+def routing_capture(model, store: dict[str, torch.Tensor]):
+    """While active, each forward fills `store` with "layers.L/logits" [b, s, E] (router logits before
+    softmax/top-k) and "layers.L/topk" [b, s, k] (the experts the router chose) for every MoE layer."""
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    handles, shape = [], {}
+
+    def record(index):
+        def hook(_m, _args, output):
+            logits, _scores, indices = output
+            b, s = shape["bs"]
+            _keep(store, f"layers.{index}/logits", logits.reshape(b, s, -1))
+            store[f"layers.{index}/topk"] = indices.detach().reshape(b, s, -1).long().cpu().contiguous()
+        return hook
+
+    def batch_shape(_m, args, kwargs):  # the router sees flattened tokens: [b, s] comes from the layer input
+        shape["bs"] = tuple((args[0] if args else kwargs["hidden_states"]).shape[:2])
+
+    for index, layer in enumerate(inner.layers):
+        router = _router(layer)
+        if router is not None:
+            handles.append(layer.register_forward_pre_hook(batch_shape, with_kwargs=True))
+            handles.append(router.register_forward_hook(record(index)))
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def routing_file(model, prompts: dict[str, list[list[int]]], out_path: str, to_device=lambda batch: batch) -> dict:
+    """The routing file (harness/checks/routing.py format) of `model` on each prompt set's right-padded batch."""
+    from safetensors.torch import save_file
+
+    from .train_step import make_batch
+
+    tensors: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, seqs in prompts.items():
+            store: dict[str, torch.Tensor] = {}
+            batch = to_device(make_batch(seqs))  # the same right padding every backend gets
+            with routing_capture(model, store):
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            tensors.update({f"{name}/{key}": t for key, t in store.items()})
+    save_file(tensors, out_path)
+    return {"path": out_path, "moe_layers": sorted({k.split("/")[-2] for k in tensors})}

@@ -70,6 +70,64 @@ def summary_line(checks: list[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
+GIB = 1 << 30
+
+
+def checkpoint_bytes(directory: str | Path) -> int:
+    """Bytes of a checkpoint's weight files (*.safetensors, *.bin) in `directory`; 0 where it has none."""
+    return sum(p.stat().st_size for p in Path(directory).iterdir()
+               if p.is_file() and p.suffix in (".safetensors", ".bin"))
+
+
+def judge_resources(workers: dict[str, dict[str, Any]], checkpoint_bytes: int | None, factor: float,
+                    extra_gib: float) -> dict[str, Any]:
+    """Every worker's peak RSS against factor × the checkpoint's bytes + extra_gib GiB (the spec's peak_rss_bound).
+
+    not_run, never passed, when nothing was measured or no checkpoint was materialized to scale the bound by."""
+    out = {"checkpoint_bytes": checkpoint_bytes, "checkpoint_factor": factor, "extra_gib": extra_gib,
+           "limit_bytes": None}
+    if not checkpoint_bytes:
+        return {**out, "status": "not_run", "reason": "no reference checkpoint was materialized in this run: "
+                                                      "the bound has nothing to scale"}
+    if not workers:
+        return {**out, "status": "not_run", "reason": "no backend worker ran in this run"}
+    limit = int(factor * checkpoint_bytes + extra_gib * GIB)
+    out["limit_bytes"] = limit
+    over = {name: r["peak_rss_bytes"] for name, r in workers.items() if r["peak_rss_bytes"] > limit}
+    if over:
+        return {**out, "status": "failed", "reason": "; ".join(
+            f"{name} peaked at {peak / GIB:.2f} GiB > {limit / GIB:.2f} GiB" for name, peak in over.items())}
+    worst = max(workers, key=lambda name: workers[name]["peak_rss_bytes"])
+    peak = workers[worst]["peak_rss_bytes"]
+    return {**out, "status": "passed",
+            "reason": f"worst {worst} at {peak / GIB:.2f} GiB, {peak / limit:.2f} of {limit / GIB:.2f} GiB"}
+
+
+def resources_section(workers: dict[str, dict[str, Any]], checkpoint_bytes: int | None = None,
+                      bound: Any = None) -> dict[str, Any]:
+    """The certificate's `resources`; `bound` is the spec's peak_rss_bound (None: shown, not judged)."""
+    from .workers import SAMPLE_INTERVAL_S
+
+    section = {"workers": workers, "sampling": f"/proc every {SAMPLE_INTERVAL_S}s over each worker's process group"}
+    if bound is not None:
+        section["bound"] = judge_resources(workers, checkpoint_bytes, bound.checkpoint_factor, bound.extra_gib)
+    return section
+
+
+def final_verdict(checks: list[dict[str, Any]], resources: dict[str, Any] | None) -> str:
+    """The checks' verdict, failed where the spec's resource bound failed (a certified model must also fit)."""
+    verdict = verdict_of(checks)
+    if (resources or {}).get("bound", {}).get("status") == "failed":
+        return "failed"
+    return verdict
+
+
+def final_summary(checks: list[dict[str, Any]], resources: dict[str, Any] | None) -> str:
+    bound = (resources or {}).get("bound")
+    line = summary_line(checks)
+    return f"{line}; peak RSS over its bound: {bound['reason']}" if bound and bound["status"] == "failed" else line
+
+
 def canonical(cert: dict[str, Any]) -> bytes:
     """The bytes the integrity seal covers: everything but the seal, keys sorted."""
     body = {k: v for k, v in cert.items() if k != "integrity"}
@@ -91,16 +149,17 @@ def seal(cert: dict[str, Any], key: str | None = None) -> dict[str, str]:
 
 def build(model: str, spec_sha256: str, versions: dict[str, str], checks: list[dict[str, Any]],
           command: str = "", spec_path: str = "", spec_text: str = "", device: dict[str, Any] | None = None,
-          calibration: dict[str, Any] | None = None, reference: dict[str, Any] | None = None) -> dict[str, Any]:
+          calibration: dict[str, Any] | None = None, reference: dict[str, Any] | None = None,
+          resources: dict[str, Any] | None = None) -> dict[str, Any]:
     cert = {
         "certificate_version": CERTIFICATE_VERSION,
         "model": model,
         "spec_sha256": spec_sha256,
         "spec_path": spec_path,
         "spec_text": spec_text,
-        "verdict": verdict_of(checks),
+        "verdict": final_verdict(checks, resources),
         "scopes": scope_verdicts(checks),
-        "summary": summary_line(checks),
+        "summary": final_summary(checks, resources),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "versions": versions,
@@ -110,6 +169,8 @@ def build(model: str, spec_sha256: str, versions: dict[str, str], checks: list[d
     }
     if reference is not None:  # a real checkpoint (reference.path): the files certified, with their sha256
         cert["reference"] = reference
+    if resources is not None:  # each worker's wall time and peak RSS (and the spec's bound on them)
+        cert["resources"] = resources
     cert["integrity"] = seal(cert)
     return cert
 
@@ -143,6 +204,18 @@ def bound_text(key: str, bound: Any) -> str:
     return text + ")"
 
 
+def resources_markdown(resources: dict[str, Any] | None) -> list[str]:
+    if not resources:
+        return []
+    lines = ["| worker | wall s | peak RSS GiB | largest process GiB |", "|---|---|---|---|"]
+    lines += [f"| {name} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / GIB:.2f} | "
+              f"{r['largest_process_rss_bytes'] / GIB:.2f} |" for name, r in resources["workers"].items()]
+    if bound := resources.get("bound"):
+        lines += ["", f"peak RSS bound ({bound['checkpoint_factor']:g} × checkpoint + {bound['extra_gib']:g} GiB): "
+                      f"**{bound['status']}**, {bound['reason']}"]
+    return [*lines, ""]
+
+
 def render_markdown(cert: dict[str, Any]) -> str:
     from .device import describe
 
@@ -164,6 +237,7 @@ def render_markdown(cert: dict[str, Any]) -> str:
            + (", sharded" if ref["sharded"] else "") + "): "
            + ", ".join(f"`{f['name']}` sha256 `{f['sha256'][:16]}…`" for f in ref["files"]), ""]
           if (ref := cert.get("reference")) else []),
+        *resources_markdown(cert.get("resources")),
         "| check | status | metrics | tolerance | reason |",
         "|---|---|---|---|---|",
     ]

@@ -1,4 +1,4 @@
-"""Who starts a backend's rank group (Megatron tp*pp, DeepSpeed world size): the executor.
+"""Who starts a backend's rank group (Megatron pp * lcm(tp, ep), DeepSpeed world size): the executor.
 
 `local` (default): torch.multiprocessing spawn on this machine (base.spawn_ranks). `ray`: one Ray actor
 per rank on a placement group (harness/backends/ray_executor.py), on a local Ray instance or the cluster
@@ -89,6 +89,6 @@ def run_rank_group(run_rank, world: int, job_path: str, spec=None, device: str =
         return
     from .backends import ray_executor
 
-    sizes = [layout.tp * layout.pp for layout in getattr(spec, "parallel", None) or []]
+    sizes = [layout.world_size for layout in getattr(spec, "parallel", None) or []]  # pp * lcm(tp, ep)
     ray_executor.run_ranks(run_rank, world, job_path, device=device, address=executor.address,
                            timeout=group_timeout(spec), cpus=max([world, *sizes]))

@@ -6,7 +6,8 @@ as not_run with the reason instead of leaving them out.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
 from .spec import Spec
 
@@ -20,20 +21,25 @@ SUITE_VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "registration": (("",), ()),
     "refit": ((), ("",)),
     "rollout": ((), ("",)),
+    "routing": ((), ("",)),
 }
 # which suites each backend takes part in, and whether they run per parallel layout
 BACKEND_SUITES: dict[str, tuple[str, ...]] = {
     "hf": ("hf",),
-    "megatron": ("config", "roundtrip", "logits", "train"),
+    "megatron": ("config", "roundtrip", "logits", "train", "routing"),
     "deepspeed": ("train", "logits"),
-    "vllm": ("config", "registration", "logits", "refit", "rollout"),
+    "vllm": ("config", "registration", "logits", "refit", "rollout", "routing"),
     "sglang": ("registration", "logits", "rollout"),
     "lmdeploy": ("config", "registration", "logits"),
 }
 # refit: per layout, a Megatron trainer (tp x pp ranks) takes a step and syncs its live weights to the engine
-PER_LAYOUT = {("megatron", "logits"), ("megatron", "train"), ("vllm", "refit")}
+PER_LAYOUT = {("megatron", "logits"), ("megatron", "train"), ("vllm", "refit"), ("megatron", "routing")}
 # the trainer a suite needs in spec.backends.train: without it the suite is not planned (nothing to sync from)
 SUITE_TRAINER = {"refit": "megatron"}
+# suites that exist only for a mixture-of-experts model (routing agreement): not planned for a dense one
+MOE_SUITES = ("routing",)
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts")
 # backend-specific dtype-dependent variants replacing the suite's default ones
 BACKEND_VARIANTS: dict[tuple[str, str], tuple[str, ...]] = {
     ("deepspeed", "train"): tuple(f"zero{stage}-ws{world}" for stage in range(4) for world in (1, 2)),
@@ -49,6 +55,8 @@ class PlannedCheck:
     variant: str = ""
     dtype: str = ""
     layout: str = ""
+    # why this layout cannot exist for this model (expert parallelism on a dense model); not part of the id
+    layout_not_applicable: str = field(default="", compare=False)
 
     @property
     def scope(self) -> str:
@@ -58,7 +66,9 @@ class PlannedCheck:
 
     @property
     def not_applicable(self) -> str:
-        """Why this combination cannot exist by design ('' when it can): the backend's own reason."""
+        """Why this combination cannot exist by design ('' when it can): the layout's or the backend's reason."""
+        if self.layout_not_applicable:
+            return self.layout_not_applicable
         cls = _backend_class(self.backend)
         return cls.not_applicable_dtypes.get(self.dtype, "") if cls is not None else ""
 
@@ -109,22 +119,77 @@ def ranks_needed(check: PlannedCheck, spec: Spec) -> int:
     rollout, else 1 (a single-process worker)."""
     if check.layout:
         layout = next((lay for lay in spec.parallel if lay.id == check.layout), None)
-        return layout.tp * layout.pp if layout is not None else 1
+        return layout.world_size if layout is not None else 1
     if check.backend == "deepspeed" and "-ws" in check.variant:
         return int(check.variant.rpartition("-ws")[2])
     if check.suite == "rollout" and parse_rollout_variant(check.variant)[0] == "megatron" and spec.parallel:
-        return spec.parallel[0].tp * spec.parallel[0].pp
+        return spec.parallel[0].world_size
     return 1
+
+
+# where HF configs keep the number of routed experts (qwen2_moe/qwen3_moe, mixtral, deepseek, ...)
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def expert_count(spec: Spec) -> int | None:
+    """Routed experts of the spec's reference model (0: dense), None when it cannot be told here.
+
+    Read from the reference overrides, a real checkpoint's config.json, else the model type's
+    transformers defaults (imported only for specs with an ep > 1 layout)."""
+    config = dict(spec.reference.config)
+    if spec.reference.path is not None:
+        path = spec.resolve_relative(spec.reference.path) / "config.json"
+        try:
+            config = {**json.loads(path.read_text()), **config}
+        except (OSError, ValueError):
+            pass
+    for key in EXPERT_COUNT_KEYS:
+        if key in config:
+            return int(config[key] or 0)
+    try:
+        from transformers import AutoConfig
+
+        defaults = AutoConfig.for_model(spec.hf_model_type)
+    except Exception:  # noqa: BLE001 - an unknown (plugin-registered) model type: let the backend decide
+        return None
+    return next((int(getattr(defaults, k) or 0) for k in EXPERT_COUNT_KEYS if hasattr(defaults, k)), 0)
+
+
+def layout_reasons(spec: Spec) -> dict[str, str]:
+    """layout id -> why it is not applicable to this model (expert parallelism on a dense model)."""
+    with_ep = [lay for lay in spec.parallel if lay.ep > 1]
+    if not with_ep or expert_count(spec) != 0:
+        return {}
+    return {lay.id: f"expert parallelism (ep {lay.ep}) needs a MoE model; {spec.hf_model_type} has no experts"
+            for lay in with_ep}
+
+
+def is_moe(spec: Spec) -> bool:
+    """An expert count in the reference config (overrides, else a real checkpoint's config.json) decides;
+    without one, the model type's default config (the MoE families the harness knows are MoE)."""
+    import json
+
+    config = dict(spec.reference.config)
+    if spec.reference.path is not None and not any(k in config for k in EXPERT_COUNT_KEYS):
+        try:
+            config = {**json.loads((spec.resolve_relative(spec.reference.path) / "config.json").read_text()), **config}
+        except (OSError, ValueError):
+            pass  # spec validation names an unreadable checkpoint; planning does not
+    counts = [config[k] for k in EXPERT_COUNT_KEYS if config.get(k) is not None]
+    return bool(counts[0]) if counts else spec.hf_model_type in MOE_MODEL_TYPES
 
 
 def build_plan(spec: Spec, backends: list[str] | None = None, dtypes: list[str] | None = None) -> list[PlannedCheck]:
     chosen_dtypes = [d for d in spec.dtypes if not dtypes or d in dtypes]
     plan: list[PlannedCheck] = []
+    reasons = layout_reasons(spec)
     for backend in spec.all_backends:
         if backends and backend not in backends:
             continue
         for suite in BACKEND_SUITES[backend]:
             if suite in SUITE_TRAINER and SUITE_TRAINER[suite] not in spec.backends.train:
+                continue
+            if suite in MOE_SUITES and not is_moe(spec):
                 continue
             agnostic, per_dtype = SUITE_VARIANTS[suite]
             per_dtype = BACKEND_VARIANTS.get((backend, suite), per_dtype)
@@ -136,5 +201,6 @@ def build_plan(spec: Spec, backends: list[str] | None = None, dtypes: list[str] 
             for variant in per_dtype:
                 for dtype in chosen_dtypes:
                     for layout in layouts:
-                        plan.append(PlannedCheck(spec.name, suite, backend, variant, dtype, layout))
+                        plan.append(PlannedCheck(spec.name, suite, backend, variant, dtype, layout,
+                                                 reasons.get(layout, "")))
     return plan

@@ -69,6 +69,7 @@ class CertifySession:
         self._memo: dict[str, Any] = {}
         # (model, backend) -> {"start_s", "calls", "busy_s"}: how long each worker took, for people
         self.worker_times: dict[tuple[str, str], dict[str, float]] = {}
+        self.checkpoint_bytes: dict[str, int] = {}  # model -> its largest materialized reference (resources bound)
         self.progress = lambda message: None  # the pytest plugin points this at the terminal
 
     # ---- planning ----
@@ -133,8 +134,10 @@ class CertifySession:
     def reference_dir(self, model: str, dtype: str) -> str:
         ref = self.specs[model].reference
         path = str(self.specs[model].resolve_relative(ref.path)) if ref.path else None
-        return self.call(model, "hf", "materialize", model_type=self.specs[model].hf_model_type,
-                         overrides=ref.config, seed=ref.seed, dtype=dtype, path=path)["dir"]
+        out = self.call(model, "hf", "materialize", model_type=self.specs[model].hf_model_type,
+                        overrides=ref.config, seed=ref.seed, dtype=dtype, path=path)["dir"]
+        self.checkpoint_bytes[model] = max(self.checkpoint_bytes.get(model, 0), certificate.checkpoint_bytes(out))
+        return out
 
     def scratch(self, model: str) -> Path:
         """A per-session scratch folder for measurement files (removed at close)."""
@@ -201,7 +204,10 @@ class CertifySession:
             out[name] = certificate.build(name, spec.sha256, dict(sorted(self.versions.items())), rows, command,
                                           str(spec.source or ""), spec.text, device=self.device_for(name),
                                           calibration=citation.as_dict() if citation else None,
-                                          reference=getattr(self, "references", {}).get(name))
+                                          reference=getattr(self, "references", {}).get(name),
+                                          resources=certificate.resources_section(
+                                              self.pool.resources(str(spec.source) if spec.source else None),
+                                              getattr(self, "checkpoint_bytes", {}).get(name), spec.peak_rss_bound))
         return out
 
     @property

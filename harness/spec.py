@@ -38,10 +38,20 @@ class Layout(_Strict):
 
     tp: int = Field(1, ge=1, description="tensor-parallel size")
     pp: int = Field(1, ge=1, description="pipeline-parallel size")
+    ep: int = Field(1, ge=1, description="expert-parallel size (MoE models; experts are never TP-split: "
+                                         "expert_tensor_parallel_size 1); on a dense model the layout is "
+                                         "not applicable")
 
     @property
     def id(self) -> str:
-        return f"tp{self.tp}pp{self.pp}"
+        return f"tp{self.tp}pp{self.pp}" + (f"ep{self.ep}" if self.ep > 1 else "")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks the layout runs: each pipeline stage holds lcm(tp, ep) ranks (data-parallel fills the rest)."""
+        import math
+
+        return self.pp * math.lcm(self.tp, self.ep)
 
 
 class Reference(_Strict):
@@ -122,6 +132,14 @@ class ExecutorOptions(_Strict):
                                                                     "omitted: a local Ray instance per worker")
 
 
+class PeakRssBound(_Strict):
+    """A ceiling on every backend worker's peak resident memory, scaled by the reference checkpoint's size."""
+
+    checkpoint_factor: float = Field(3.0, gt=0, description="times the reference checkpoint's bytes (the largest "
+                                                            "materialized dtype, or the real checkpoint's files)")
+    extra_gib: float = Field(2.0, ge=0, description="plus this many GiB (interpreter, libraries, engine)")
+
+
 class Spec(_Strict):
     """One model's certification spec (model_specs/<name>.yaml)."""
 
@@ -142,6 +160,9 @@ class Spec(_Strict):
     calibration: Path | None = Field(None, description="the checked-in calibration file (python -m harness "
                                                        "calibrate), relative to this spec; default: "
                                                        "model_specs/calibration/<name>.json when it exists")
+    peak_rss_bound: PeakRssBound | None = Field(None, description="judge each worker's peak RSS (the certificate's "
+                                                                  "resources) against it; omitted: measured, "
+                                                                  "not judged")
     worker_timeout_s: float = Field(900.0, gt=0, description="per-request timeout of a backend worker")
     plugin_import_timeout_s: float = Field(60.0, gt=0, description="how long importing one plugin may take "
                                                                    "(pytest process and each worker)")

@@ -35,6 +35,11 @@ DEFAULTS: dict[str, tuple[float, float, str]] = {
     "max_loss_diff": (1e-5, 5e-2, "|loss_backend - loss_reference| per step"),
     "max_grad_diff": (1e-5, 5e-2, "max |grad_backend - grad_reference|"),
     "max_weight_diff": (1e-5, 5e-2, "max |updated weight backend - reference|"),
+    # MoE routing (harness/checks/routing.py); bf16 bounds are calibrated, the bf16 column is never used
+    "min_routing_agreement": (1.0, 0.95, "fraction of tokens (bf16: decisive tokens) whose top-k expert set equals "
+                                         "the reference's, per MoE layer and prompt set (lower bound)"),
+    "max_router_prob_diff_mean": (1e-6, 2e-3, "mean |softmax(router logits) - reference's| over tokens and experts, "
+                                              "per MoE layer and prompt set (the max is shown, not bounded)"),
 }
 KNOWN_METRICS = tuple(DEFAULTS)
 
@@ -54,6 +59,8 @@ BOUND_METRICS: dict[str, tuple[str, bool]] = {
     "max_loss_diff": ("max_loss_diff", True),
     "max_grad_diff": ("max_grad_diff", True),
     "max_weight_diff": ("max_weight_diff", True),
+    "min_routing_agreement": ("routing_agreement", False),
+    "max_router_prob_diff_mean": ("router_prob_diff_mean", True),
 }
 
 LOGIT_METRICS = ("max_abs_logprob", "mean_abs_logprob", "min_top1_agreement", "min_topk_overlap",
@@ -61,6 +68,7 @@ LOGIT_METRICS = ("max_abs_logprob", "mean_abs_logprob", "min_top1_agreement", "m
 ENGINE_LOGIT_METRICS = (*LOGIT_METRICS, "min_greedy_sequence_equal", "min_closeness", "max_prob_diff_mean")
 ROLLOUT_METRICS = ("max_abs_logprob", "mean_abs_logprob", "max_mean_exp_abs_logprob", "max_prob_diff_mean")
 TRAIN_METRICS = ("max_loss_diff", "max_grad_diff", "max_weight_diff")
+ROUTING_METRICS = ("min_routing_agreement", "max_router_prob_diff_mean")
 CALIBRATION_FACTOR = 2.0  # a backend may be at most this many times noisier than HF's own bf16 rounding
 # Both sides bf16 (engine and trainer): each may be CALIBRATION_FACTOR x HF's noise away from the truth.
 BOTH_SIDES_FACTOR = 2 * CALIBRATION_FACTOR
@@ -79,6 +87,8 @@ def expected_keys(suite: str, backend: str, variant: str = "") -> tuple[str, ...
         return ROLLOUT_METRICS
     if suite == "train":
         return TRAIN_METRICS
+    if suite == "routing":
+        return ROUTING_METRICS
     if suite == "roundtrip" and variant == "bit-exact":
         return ("roundtrip_max_abs_diff",)
     if suite == "hf" and variant == "save-load":
@@ -86,7 +96,7 @@ def expected_keys(suite: str, backend: str, variant: str = "") -> tuple[str, ...
     return None
 
 
-PARITY_SUITES = ("logits", "refit", "rollout", "train")
+PARITY_SUITES = ("logits", "refit", "rollout", "train", "routing")
 
 
 def needs_calibration(suite: str, dtype: str) -> bool:

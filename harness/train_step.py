@@ -41,6 +41,28 @@ def loss_sum_and_count(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return F.cross_entropy(flat, target, ignore_index=IGNORE, reduction="sum"), int((target != IGNORE).sum())
 
 
+def switch_aux_losses(router_logits, topk: int, valid: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """megatron-core's load-balancing loss per MoE layer, before its coefficient (what its aux-loss tracker logs):
+    moe_utils.switch_load_balancing_loss_func on compute_routing_scores_for_aux_loss's scores, i.e.
+    E / (k T^2) * sum_i (tokens routed to expert i) * (sum of expert i's softmax probabilities) over the T tokens
+    counted (`valid`: a [B, S] mask, megatron's padding_mask inverted; None = every token, as without one)."""
+    out = []
+    for logits in router_logits:  # [tokens, experts] per MoE layer, batch-major
+        scores = torch.softmax(logits.float(), dim=-1)
+        chosen = torch.zeros_like(scores).scatter(1, scores.topk(topk, dim=-1).indices, 1.0)
+        if valid is not None:
+            keep = valid.reshape(-1, 1).to(scores.dtype)
+            scores, chosen = scores * keep, chosen * keep
+        tokens = chosen.sum() / topk
+        out.append((chosen.sum(0) * scores.sum(0)).sum() * scores.shape[-1] / (topk * tokens * tokens))
+    return out
+
+
+def aux_coefficient(model) -> float:
+    """The load-balancing coefficient training uses (HF's router_aux_loss_coef; 0 for a dense model)."""
+    return float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
+
+
 def first_update_weights(named_parameters) -> dict[str, torch.Tensor]:
     """Weights right after the first optimizer step.
 
@@ -49,6 +71,20 @@ def first_update_weights(named_parameters) -> dict[str, torch.Tensor]:
     differences. The loss curve still covers all N steps.
     """
     return {n: p.detach().float().clone() for n, p in named_parameters}
+
+
+def checkpoint_named(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-parameter tensors renamed (and split) from the module's in-memory names to the checkpoint's, in the
+    same parameter order: transformers 5 holds an MoE layer's experts FUSED (mlp.experts.gate_up_proj [E, 2I, H])
+    but save_pretrained writes them per expert (mlp.experts.E.gate_proj.weight) through revert_weight_conversion,
+    and templates, Megatron's reverse conversion and the judges speak the checkpoint's names. A dense model's
+    names come back unchanged."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():  # one at a time: each parameter's pieces stay at its place in the order
+        out.update((k, v.contiguous()) for k, v in revert_weight_conversion(model, {name: tensor}).items())
+    return out
 
 
 def _mixed_precision(master, dtype: torch.dtype | None, compute_dtype: torch.dtype | None):
@@ -101,6 +137,10 @@ def reference_step(model, batch: dict[str, torch.Tensor], steps: int = STEPS, wa
             param.grad = torch.zeros_like(param)
         optimizer.step()
     total = int((batch["labels"] != IGNORE).sum())
+    # the MoE aux objective over the whole batch, every token counted (megatron-core without a padding mask);
+    # it matches a trainer whose micro-batch is the whole batch. The MoE specs set the coefficient to 0
+    coefficient = aux_coefficient(model)
+    aux: dict[str, float] = {}
     losses, grads = [], {}
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
@@ -109,9 +149,15 @@ def reference_step(model, batch: dict[str, torch.Tensor], steps: int = STEPS, wa
             with torch.no_grad():  # this step's bf16 copy of the master weights (in compute_dtype)
                 for name, param in compute_params.items():
                     param.copy_(master[name].to(dtype or compute_dtype))
-        logits = compute(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum, _ = loss_sum_and_count(logits, batch["labels"])
+        out = compute(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      **({"output_router_logits": True} if coefficient else {}))
+        loss_sum, _ = loss_sum_and_count(out.logits, batch["labels"])
         loss = loss_sum / total
+        if coefficient:  # the trainer's objective: CE + coefficient x each MoE layer's load-balancing loss
+            layers = switch_aux_losses(out.router_logits, compute.config.num_experts_per_tok)
+            if step == 0:
+                aux = {f"layers.{i}": float(v) for i, v in zip(_moe_layer_ids(compute), layers)}
+            loss = loss + coefficient * torch.stack(layers).sum()
         loss.backward()
         losses.append(float(loss))
         if compute is not model:
@@ -122,7 +168,14 @@ def reference_step(model, batch: dict[str, torch.Tensor], steps: int = STEPS, wa
         optimizer.step()
         if step == 0:
             weights = first_update_weights(model.named_parameters())
-    return {"losses": losses, "grads": grads, "weights": weights}
+    result = {"losses": losses, "grads": checkpoint_named(model, grads), "weights": checkpoint_named(model, weights)}
+    return {**result, "aux_losses": aux} if coefficient else result
+
+
+def _moe_layer_ids(model) -> list[int]:
+    """Global ids of the layers whose MLP returns router logits (HF's router_logits order)."""
+    layers = model.model.layers
+    return [i for i, layer in enumerate(layers) if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts")]
 
 
 def save_train_result(result: dict[str, Any], out_dir: str) -> dict[str, Any]:
@@ -136,5 +189,6 @@ def save_train_result(result: dict[str, Any], out_dir: str) -> dict[str, Any]:
     save_file({k: v.contiguous() for k, v in result["grads"].items()}, str(out / "grads.safetensors"))
     save_file({k: v.contiguous() for k, v in result["weights"].items()}, str(out / "weights.safetensors"))
     # parameter_order: the producer's own order (the reference's is named_parameters(), the forward order)
+    extra = {"aux_losses": result["aux_losses"]} if "aux_losses" in result else {}
     return {"losses": result["losses"], "grads": str(out / "grads.safetensors"),
-            "weights": str(out / "weights.safetensors"), "parameter_order": list(result["grads"])}
+            "weights": str(out / "weights.safetensors"), "parameter_order": list(result["grads"]), **extra}

@@ -29,8 +29,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .certificate import (CERTIFICATE_VERSION, SIGNING_KEY_ENV, canonical, scope_verdicts, seal, summary_line,
-                          verdict_of)
+from .certificate import (CERTIFICATE_VERSION, SIGNING_KEY_ENV, canonical, final_summary, final_verdict,
+                          judge_resources, scope_verdicts, seal)
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "certificate_schema.json"
 # the distributions a backend's passed rows cannot exist without (any one of each tuple)
@@ -243,8 +243,27 @@ def check_versions(cert: dict[str, Any]) -> None:
                               f"as installed")
 
 
+def check_resources(cert: dict[str, Any], spec) -> None:
+    """The resource bound re-judged from the recorded peaks with the spec's own factor: present exactly
+    when the spec asks for it."""
+    resources, asked = cert.get("resources"), spec.peak_rss_bound
+    bound = (resources or {}).get("bound")
+    if asked is None:
+        if bound is not None:
+            raise Invalid("resources: a peak RSS bound is recorded but the spec sets no peak_rss_bound")
+        return
+    if bound is None:
+        raise Invalid("resources: the spec sets peak_rss_bound but the certificate records no judged bound")
+    expected = judge_resources(resources["workers"], bound["checkpoint_bytes"], asked.checkpoint_factor,
+                               asked.extra_gib)
+    if bound != expected:
+        diff = sorted(k for k in expected if bound.get(k) != expected[k])
+        raise Invalid(f"resources: the bound's {', '.join(diff)} is not what the recorded peaks and the spec give "
+                      f"({expected['status']}: {expected['reason']})")
+
+
 def check_verdicts(cert: dict[str, Any]) -> None:
-    derived = verdict_of(cert["checks"])
+    derived = final_verdict(cert["checks"], cert.get("resources"))
     if cert["verdict"] != derived:
         counts: dict[str, int] = {}
         for check in cert["checks"]:
@@ -253,8 +272,9 @@ def check_verdicts(cert: dict[str, Any]) -> None:
         raise Invalid(f"verdict {cert['verdict']!r} but the checks ({shown}) give {derived!r}")
     if cert["scopes"] != scope_verdicts(cert["checks"]):
         raise Invalid(f"scopes {cert['scopes']} but the checks give {scope_verdicts(cert['checks'])}")
-    if cert["summary"] != summary_line(cert["checks"]):
-        raise Invalid(f"summary {cert['summary']!r} is not what the checks say ({summary_line(cert['checks'])!r})")
+    summary = final_summary(cert["checks"], cert.get("resources"))
+    if cert["summary"] != summary:
+        raise Invalid(f"summary {cert['summary']!r} is not what the checks say ({summary!r})")
 
 
 def spec_sha256(path: Path) -> str:
@@ -290,6 +310,7 @@ def verify(path: Path, spec: Path | None = None) -> dict[str, Any]:
         check_bounds(check, parsed)
     check_calibration(cert)
     check_versions(cert)
+    check_resources(cert, parsed)
     check_verdicts(cert)
     return cert
 

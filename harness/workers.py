@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,120 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def python_for(backend: str) -> str:
     """Interpreter for a backend: HARNESS_PYTHON_<BACKEND> lets a clashing backend live in its own venv."""
     return os.environ.get(f"HARNESS_PYTHON_{backend.upper()}", sys.executable)
+
+
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+def group_memory(pgids) -> dict[int, tuple[int, dict[int, int]]]:
+    """Per process group in `pgids`: resident bytes summed over its members now, and each member's
+    high-water mark (VmHWM). One pass over /proc serves every worker.
+
+    A worker's group is it and everything it spawned (rank processes, engine cores): the worker is a
+    session leader and its children inherit the group. Ray actors are Ray's processes and are not counted."""
+    out: dict[int, tuple[int, dict[int, int]]] = {pgid: (0, {}) for pgid in pgids}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as handle:
+                stat = handle.read()
+            fields = stat[stat.rindex(b")") + 2:].split()  # the command name may hold spaces and parentheses
+            pgid = int(fields[2])  # field 5, pgrp
+            if pgid not in out:
+                continue
+            rss = int(fields[21]) * PAGE_BYTES  # field 24, rss in pages
+            with open(f"/proc/{entry.name}/status", "rb") as handle:
+                hwm = next((int(line.split()[1]) * 1024 for line in handle if line.startswith(b"VmHWM:")), rss)
+        except (OSError, ValueError, IndexError):  # the process ended between listing and reading
+            continue
+        total, members = out[pgid]
+        members[int(entry.name)] = hwm
+        out[pgid] = (total + rss, members)
+    return out
+
+
+class ResourceMeter:
+    """A worker's wall time and peak resident memory, sampled from /proc every SAMPLE_INTERVAL_S.
+
+    peak_rss_bytes is the largest summed RSS of the worker's process group seen at one sample, floored by
+    the largest single process's kernel high-water mark (exact, so a spike between samples in one process
+    still counts); a spike shared by several processes between two samples can be missed."""
+
+    def __init__(self, pgid: int):
+        self.pgid = pgid
+        self.started = time.monotonic()
+        self.ended: float | None = None
+        self.peak_sum, self.hwm = 0, {}
+        self._lock = threading.Lock()
+        _SAMPLER.add(self)
+
+    def update(self, total: int, hwm: dict[int, int]) -> None:
+        with self._lock:
+            self.peak_sum = max(self.peak_sum, total)
+            for pid, value in hwm.items():
+                self.hwm[pid] = max(self.hwm.get(pid, 0), value)
+
+    def sample(self) -> None:
+        self.update(*group_memory([self.pgid])[self.pgid])
+
+    def stop(self) -> None:
+        if self.ended is None:
+            self.sample()  # the last look before the group is killed
+            _SAMPLER.discard(self)
+            self.ended = time.monotonic()
+
+    def record(self) -> dict[str, Any]:
+        with self._lock:
+            largest = max(self.hwm.values(), default=0)
+            return {"wall_s": round((self.ended or time.monotonic()) - self.started, 2),
+                    "peak_rss_bytes": max(self.peak_sum, largest), "largest_process_rss_bytes": largest,
+                    "processes": len(self.hwm)}
+
+
+class _Sampler:
+    """One daemon thread sampling every live meter's process group (started with the first meter)."""
+
+    def __init__(self):
+        self.meters: set[ResourceMeter] = set()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def add(self, meter: ResourceMeter) -> None:
+        with self.lock:
+            self.meters.add(meter)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="harness-resource-sampler", daemon=True)
+                self.thread.start()
+
+    def discard(self, meter: ResourceMeter) -> None:
+        with self.lock:
+            self.meters.discard(meter)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(SAMPLE_INTERVAL_S)
+            with self.lock:
+                meters = list(self.meters)
+            if not meters:
+                continue
+            seen = group_memory({m.pgid for m in meters})
+            for meter in meters:
+                meter.update(*seen[meter.pgid])
+
+
+SAMPLE_INTERVAL_S = 0.2
+_SAMPLER = _Sampler()
+
+
+def merge_records(first: dict[str, Any] | None, second: dict[str, Any]) -> dict[str, Any]:
+    """One entry for a worker restarted in a session: wall times add, peaks take the larger."""
+    if first is None:
+        return dict(second)
+    return {"wall_s": round(first["wall_s"] + second["wall_s"], 2),
+            "peak_rss_bytes": max(first["peak_rss_bytes"], second["peak_rss_bytes"]),
+            "largest_process_rss_bytes": max(first["largest_process_rss_bytes"], second["largest_process_rss_bytes"]),
+            "processes": first["processes"] + second["processes"]}
 
 
 class Worker:
@@ -45,6 +160,7 @@ class Worker:
             start_new_session=True, env=child_env, cwd=str(REPO_ROOT),
         )
         _LIVE.add(self)
+        self.meter = ResourceMeter(self.proc.pid)
         self.started = time.monotonic()
         try:
             hello = self.call("__init__", {"spec_path": spec_path, "device": device}, timeout=start_timeout)
@@ -107,6 +223,7 @@ class Worker:
 
     def kill(self) -> None:
         """Kill the worker's whole process group (it and anything it spawned)."""
+        self.meter.stop()
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -118,6 +235,7 @@ class Worker:
         _LIVE.discard(self)
 
     def close(self, grace: float = 10.0) -> None:
+        self.meter.sample()  # before stdin closes: the worker and its children are still there
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.close()  # the worker exits on EOF
@@ -147,6 +265,7 @@ class WorkerPool:
         self.device, self.env = device, env
         self._workers: dict[tuple[str, str, str], Worker] = {}
         self.failed: dict[tuple[str, str, str], WorkerError] = {}
+        self._finished: dict[tuple[str, str, str], dict[str, Any]] = {}  # resources of workers already gone
 
     def get(self, backend: str, spec_path: str | None, instance: str = "") -> Worker:
         """`instance` separates workers of one backend (an engine per dtype lives in its own process)."""
@@ -155,6 +274,8 @@ class WorkerPool:
             raise self.failed[key]
         worker = self._workers.get(key)
         if worker is None or worker.proc.poll() is not None:
+            if worker is not None:  # died: keep what it used before starting its successor
+                self._retire(key, worker)
             try:
                 worker = Worker(backend, spec_path, env=self.env, device=self.device)
             except WorkerError as exc:
@@ -169,6 +290,24 @@ class WorkerPool:
                 worker.proc.stdin.close()
             except OSError:
                 pass
-        for worker in self._workers.values():
+        for key, worker in self._workers.items():
             worker.close()
+            self._retire(key, worker)
         self._workers.clear()
+
+    def _retire(self, key: tuple[str, str, str], worker: Worker) -> None:
+        worker.meter.stop()
+        self._finished[key] = merge_records(self._finished.get(key), worker.meter.record())
+
+    def resources(self, spec_path: str | None) -> dict[str, dict[str, Any]]:
+        """{backend or backend/instance: {wall_s, peak_rss_bytes, ...}} of one spec's workers, live or gone."""
+        out: dict[str, dict[str, Any]] = {}
+        for key in sorted(set(self._finished) | set(self._workers)):
+            if key[1] != str(spec_path):
+                continue
+            record = self._finished.get(key)
+            live = self._workers.get(key)
+            if live is not None:
+                record = merge_records(record, live.meter.record())
+            out["/".join(filter(None, (key[0], key[2])))] = record
+        return out

@@ -42,7 +42,7 @@ def _trainer_logits(certify, check, spec, ref_dir: str, prompts: dict):
     extra = {}
     if check.layout:  # a parallel layout of a trainer backend
         layout = next(lay for lay in spec.parallel if lay.id == check.layout)
-        extra = {"tp": layout.tp, "pp": layout.pp}
+        extra = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep}
     run = certify.call(check.model, check.backend, "logprobs", dir=ref_dir, dtypes=dtypes, prompts=prompts,
                        out_dir=out_dir, **extra)
     where = " ".join(p for p in (check.variant, check.layout, check.dtype) if p)

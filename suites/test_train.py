@@ -34,7 +34,7 @@ def _run_backend(certify, check) -> dict:
                             world=int(world), sequences=_sequences(ref_dir), steps=STEPS, out_dir=out_dir)
     layout = next(lay for lay in certify.specs[check.model].parallel if lay.id == check.layout)
     return certify.call(check.model, check.backend, "train", dir=ref_dir, dtype=check.dtype, tp=layout.tp,
-                        pp=layout.pp, sequences=_sequences(ref_dir), steps=STEPS, out_dir=out_dir)
+                        pp=layout.pp, ep=layout.ep, sequences=_sequences(ref_dir), steps=STEPS, out_dir=out_dir)
 
 
 def _judge(certify, check, result):

@@ -65,7 +65,7 @@ def convert(capsys, *args) -> tuple[int, str, str]:
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.dtype == b.dtype and a.shape == b.shape
-            and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+            and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
 
 
 def assert_same_state(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -107,7 +107,7 @@ def test_roundtrip_is_bit_exact_and_mcore_equals_dist_shard(models, tmp_path, ca
     assert layout["hf_config"] == json.loads((src / "config.json").read_text())
 
     # the streamed shards are exactly save_file(dist.shard(in-memory conversion)): tensors and file bytes
-    for (p, t), expected in reference_shards(src, tp, pp).items():
+    for (p, t, _e), expected in reference_shards(src, tp, pp).items():
         streamed = mcore / f"pp{p}_tp{t}.safetensors"
         assert_same_state(load_file(streamed), expected)
         save_file(expected, tmp_path / "reference.safetensors")
@@ -192,7 +192,7 @@ def test_existing_out_dir_keeps_other_files_and_gets_replaced_outputs(models, tm
     (out / "pp0_tp0.safetensors").write_bytes(b"stale")
     assert convert(capsys, "--to", "mcore", models["qwen2-tied-bf16"], out)[0] == 0
     assert (out / "notes.txt").read_text() == "mine"
-    assert_same_state(load_file(out / "pp0_tp0.safetensors"), reference_shards(models["qwen2-tied-bf16"], 1, 1)[(0, 0)])
+    assert_same_state(load_file(out / "pp0_tp0.safetensors"), reference_shards(models["qwen2-tied-bf16"], 1, 1)[(0, 0, 0)])
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
 
 
@@ -273,8 +273,8 @@ def test_untouched_tensors_copy_file_to_file_and_changed_ones_do_not(models, tmp
     state = load_file(src / "model.safetensors")
     assert sum(copied) >= state["model.embed_tokens.weight"].nbytes + state["lm_head.weight"].nbytes
     expected = reference_shards(src, 1, 2, "qwen2-inplace-test")
-    assert torch.equal(expected[(1, 0)]["decoder.final_layernorm.weight"], 2 * state["model.norm.weight"])
-    for (p, t), shard in expected.items():
+    assert torch.equal(expected[(1, 0, 0)]["decoder.final_layernorm.weight"], 2 * state["model.norm.weight"])
+    for (p, t, _e), shard in expected.items():
         assert_same_state(load_file(tmp_path / "out" / f"pp{p}_tp{t}.safetensors"), shard)
 
 
@@ -437,9 +437,9 @@ def test_dist_shard_then_gather_is_bit_exact(cfg):
 
     assert_same_state(whole, {to_local(n): t for n, t in state.items()})
     # the layout itself: whole KV groups per rank, [gate_r; up_r] per rank, stages renumbered from 0
-    assert set(shards) == {(p, t) for p in range(pp) for t in range(tp)}
+    assert set(shards) == {(p, t, 0) for p in range(pp) for t in range(tp)}
     last = pp - 1
-    for (p, t), shard in shards.items():
+    for (p, t, _e), shard in shards.items():
         for name, piece in shard.items():
             assert piece.is_contiguous()
         assert ("embedding.word_embeddings.weight" in shard) == (p == 0)

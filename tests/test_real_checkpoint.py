@@ -129,7 +129,7 @@ def test_conversion_streams_tensor_by_tensor_and_matches_whole_dict_sharding(che
     assert all(t.is_meta for t in planned.values())
     mca_state, whole_report = template.hf_to_mca(load_hf_state(checkpoint), view)
     assert set(planned) == set(mca_state)
-    for (p, t), shard in dist.shard(mca_state, dist.layout_for(view, whole_report, 2, 1)).items():
+    for (p, t, _e), shard in dist.shard(mca_state, dist.layout_for(view, whole_report, 2, 1)).items():
         whole = tmp_path / f"whole_pp{p}_tp{t}.safetensors"
         save_file(shard, whole)
         assert (out / f"pp{p}_tp{t}.safetensors").read_bytes() == whole.read_bytes()

@@ -67,7 +67,7 @@ CASES = [
                  r"Input should be a valid integer.*", id="wrong-type-seed"),
     pytest.param(base_spec(colour="blue"), {}, "load", "colour", r"unknown key", id="unknown-top-level-key"),
     pytest.param(_with("reference.foo", 1), {}, "load", "reference.foo", r"unknown key", id="unknown-nested-key"),
-    pytest.param(_with("parallel", [{"tp": 1, "pp": 1, "ep": 2}]), {}, "load", "parallel[0].ep", r"unknown key",
+    pytest.param(_with("parallel", [{"tp": 1, "pp": 1, "cp": 2}]), {}, "load", "parallel[0].cp", r"unknown key",
                  id="unknown-key-in-list-item"),
     pytest.param(_with("backends.infer", ["hf", "nosuch"]), {}, "load", "backends.infer[1]",
                  r"Input should be 'hf', 'vllm', 'sglang' or 'lmdeploy'", id="unknown-infer-backend"),

@@ -82,7 +82,7 @@ def _train(engine, job, rank, world, torch, dist) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
     from safetensors.torch import save_file
 
-    from ..train_step import IGNORE, loss_sum_and_count
+    from ..train_step import IGNORE, checkpoint_named, loss_sum_and_count
 
     batch = trainer_batch(job["sequences"])
     total = int((batch["labels"] != IGNORE).sum())
@@ -111,6 +111,8 @@ def _train(engine, job, rank, world, torch, dist) -> None:
     if rank == 0:
         out = Path(job["out_dir"])
         out.mkdir(parents=True, exist_ok=True)
+        # the checkpoint's names (per-expert MoE tensors), as the reference and Megatron report them
+        grads, weights = checkpoint_named(engine.module, grads), checkpoint_named(engine.module, weights)
         save_file({k: v.contiguous() for k, v in grads.items()}, str(out / "grads.safetensors"))
         save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "weights.safetensors"))
         (out / "result.json").write_text(json.dumps({"losses": losses, "grads": str(out / "grads.safetensors"),

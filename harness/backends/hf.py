@@ -117,6 +117,16 @@ class HFBackend(Backend):
         save_file(store, out_path)
         return {"path": out_path, "points": len(store), "num_layers": int(model.config.num_hidden_layers)}
 
+    def op_routing(self, dir: str, dtype: str, prompts: dict[str, list[list[int]]],  # noqa: A002
+                   out_path: str) -> dict[str, Any]:
+        """The reference routing file (harness/checks/routing.py): per prompt set, every MoE layer's router
+        logits and chosen experts over the right-padded batch every backend gets."""
+        from ..capture import routing_file
+
+        model = self._compute_model(dir, dtype)
+        model.eval()
+        return routing_file(model, prompts, out_path, self._on_device)
+
     def op_greedy_reference(self, dir: str, dtype: str, prompts: dict[str, list[list[int]]],  # noqa: A002
                             max_new_tokens: int, out_path: str) -> dict[str, Any]:
         """Per sequence: HF's greedy continuation and full-vocabulary log-probs along prompt + continuation.

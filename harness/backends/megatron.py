@@ -10,6 +10,15 @@ helper (it asserts on CPU). Newer megatron-core on GPU takes the same code.
 With --device cuda the tp*pp ranks run NCCL, one GPU each (parameters built on
 it, fusions as the template sets them); config and round-trip stay on the CPU
 (they compute nothing numeric).
+
+MoE (SequentialMLP, the local spec's experts, named local_experts.i as the converter writes them; grouped
+GEMM would rename them weight1/weight2, so it stays off): the token dispatcher on the CPU is "allgather",
+the one megatron-core 0.16.1 runs there. gloo itself has every collective the dispatchers use
+(all_to_all_single with uneven splits, all_gather_into_tensor, reduce_scatter_tensor), but "alltoall"
+creates a torch.cuda.Stream for its device-to-host copies when the layer is built, and "flex" needs
+DeepEP/HybridEP (CUDA kernels). Training MoE under TP needs sequence parallelism (megatron-core refuses
+otherwise: without it every TP rank hands its copy of the tokens to the experts, doubling their
+gradients); the CPU norms (torch's) are built through a wrapper that allows it (`local_layer_spec`).
 """
 from __future__ import annotations
 
@@ -32,7 +41,11 @@ CPU_SAFE = dict(
 REPORTED_FIELDS = ("hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
                    "kv_channels", "normalization", "layernorm_epsilon", "activation_func", "gated_linear_unit",
                    "attention_dropout", "hidden_dropout", "add_qkv_bias", "add_bias_linear", "window_size",
-                   "window_attn_skip_freq", "qk_layernorm")
+                   "window_attn_skip_freq", "qk_layernorm", "num_moe_experts", "moe_router_topk",
+                   "moe_router_pre_softmax", "moe_router_score_function", "moe_router_topk_scaling_factor",
+                   "moe_router_num_groups", "moe_router_group_topk", "moe_router_enable_expert_bias",
+                   "moe_aux_loss_coeff", "moe_router_load_balancing_type", "moe_layer_freq", "moe_ffn_hidden_size",
+                   "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_input_jitter_eps")
 
 
 def _activation(name: str):
@@ -131,20 +144,91 @@ def build_transformer_config(tc_kwargs: dict[str, Any], dtype: str = "float32", 
     kwargs["activation_func"] = _activation(kwargs["activation_func"])
     if isinstance(kwargs.get("window_size"), list):  # a tuple that travelled through JSON
         kwargs["window_size"] = tuple(kwargs["window_size"])
+    if isinstance(kwargs.get("moe_layer_freq"), tuple):
+        kwargs["moe_layer_freq"] = list(kwargs["moe_layer_freq"])
     if cpu:
         kwargs.update(CPU_SAFE)
     else:
         kwargs.update(perform_initialization=False)
+    if kwargs.get("num_moe_experts"):
+        kwargs.update(moe_grouped_gemm=False)  # SequentialMLP: the local_experts.i names the converter writes
+        if cpu:
+            kwargs.update(MOE_CPU_SAFE)
+            moe_without_transformer_engine()
     kwargs["params_dtype"] = getattr(torch, dtype)
     return TransformerConfig(**kwargs), unknown
 
 
+# the dispatcher and fusions megatron-core's MoE layer runs on the CPU (see the module docstring)
+MOE_CPU_SAFE = dict(moe_token_dispatcher_type="allgather", moe_permute_fusion=False, moe_router_fusion=False,
+                    moe_shared_expert_overlap=False)
+_TE_MOE_NAMES = ("fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute",
+                 "fused_permute_with_probs", "fused_sort_chunks_by_index", "fused_sort_chunks_by_index_with_probs",
+                 "fused_topk_with_score_function", "fused_unpermute", "te_general_gemm")
+
+
+def moe_without_transformer_engine() -> None:
+    """megatron-core 0.16.1's moe_utils imports its TE helpers in a try block but tests `te_general_gemm is not
+    None` in the router's gating linear: without Transformer Engine that name is undefined (NameError). Define
+    the missing helpers as None, which is what the code's own checks expect for "TE absent"."""
+    from megatron.core.transformer.moe import moe_utils
+
+    for name in _TE_MOE_NAMES:
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)
+
+
+class _SequenceParallelTorchNorm:
+    """megatron-core's WrappedTorchNorm (the only norm without Apex/TE) refuses sequence parallelism, though a
+    norm is per token. Built with sequence_parallel off, its parameters then carry the `sequence_parallel` flag
+    Apex's FusedLayerNorm sets, so finalize_model_grads sums their gradients over the TP ranks' sequence shards."""
+
+    def __new__(cls, config, hidden_size, eps=1e-5, **kwargs):
+        import copy
+
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = WrappedTorchNorm(plain, hidden_size, eps, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _join_routing(dtype_dir: Path, pp: int) -> str:
+    """The pipeline stages' router records (routing_stage{p}, each stage its own layers) as one file,
+    dtype_dir/routing.safetensors; a stage that wrote none is an error naming it."""
+    from safetensors.torch import load_file, save_file
+
+    joined: dict = {}
+    for stage in range(pp):
+        part = dtype_dir / f"routing_stage{stage}.safetensors"
+        if not part.is_file():
+            raise RuntimeError(f"{part}: pipeline stage {stage} recorded no routing")
+        joined.update(load_file(str(part)))
+    save_file(joined, str(dtype_dir / "routing.safetensors"))
+    return str(dtype_dir / "routing.safetensors")
+
+
 def local_layer_spec(tc):
     """megatron-core's local layer spec for this TransformerConfig, as ROLL's McaGPTModel derives it
-    (_get_transformer_layer_spec, transformer_impl local): qk layernorm included when the config says so."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    (_get_transformer_layer_spec, transformer_impl local): qk layernorm included when the config says so; a
+    MoE model gets the decoder block spec (moe_layer_freq: which layers are sparse, the others dense), for
+    this pipeline stage's layers."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(tc.num_moe_experts, tc.moe_grouped_gemm, qk_layernorm=tc.qk_layernorm)
+    if not tc.num_moe_experts:
+        return get_gpt_layer_local_spec(tc.num_moe_experts, tc.moe_grouped_gemm, qk_layernorm=tc.qk_layernorm)
+    block = get_gpt_decoder_block_spec(tc, use_transformer_engine=False, normalization=tc.normalization)
+    if tc.sequence_parallel:
+        block.layer_norm = _SequenceParallelTorchNorm
+        for layer in block.layer_specs:
+            layer.submodules.input_layernorm = layer.submodules.pre_mlp_layernorm = _SequenceParallelTorchNorm
+            if tc.qk_layernorm:
+                attention = layer.submodules.self_attention.submodules
+                attention.q_layernorm = attention.k_layernorm = _SequenceParallelTorchNorm
+    return block
 
 
 class MegatronBackend(Backend):
@@ -213,7 +297,8 @@ class MegatronBackend(Backend):
         return measurement
 
     def _run_ranks(self, dir: str, template: str | None, tp: int, pp: int, job: dict[str, Any]):  # noqa: A002
-        """Convert HF -> Megatron, shard for (tp, pp), and run tp*pp ranks of megatron_ranks on `job`."""
+        """Convert HF -> Megatron, shard for (tp, pp, job["ep"]), and run megatron_ranks on `job` at the layout's
+        world size, pp * lcm(tp, ep) (the data-parallel ranks EP implies included)."""
         import json
         import tempfile
 
@@ -224,30 +309,36 @@ class MegatronBackend(Backend):
         with tempfile.TemporaryDirectory(prefix="harness-mcore-") as tmp:
             # streamed tensor by tensor (the index's shards, in order) into the shard files: the whole HF
             # state is never held here; mca_state is the planned Megatron tensors on meta (names, shapes)
-            mca_state, report, layout = hf_to_shard_files(Path(dir), template_obj, view, tp, pp, Path(tmp))
+            mca_state, report, layout = hf_to_shard_files(Path(dir), template_obj, view, tp, pp, Path(tmp),
+                                                          ep=int(job.get("ep", 1)))
             # device: gloo ranks on cpu; on cuda NCCL, one GPU per rank (megatron_ranks.setup_group)
             # spec_path: the ranks import the spec's plugins (a trainer-side seam replaced there, as for DeepSpeed)
             spec_path = str(self.spec.source) if getattr(self, "spec", None) and self.spec.source else None
-            job = {**job, "tp": tp, "pp": pp, "shard_dir": tmp, "tied": layout.tied, "device": self.device,
+            job = {**job, "tp": tp, "pp": pp, "ep": layout.ep, "shard_dir": tmp, "tied": layout.tied, "device": self.device,
                    "spec_path": spec_path,
                    "mca_kwargs": view.transformer_config_kwargs(), "gpt_kwargs": view.gpt_model_kwargs()}
             Path(f"{tmp}/job.json").write_text(json.dumps(job, default=str))
             # the spec's executor: local spawn, or Ray actors (--executor ray)
-            run_rank_group(run_rank, tp * pp, f"{tmp}/job.json", getattr(self, "spec", None), self.device)
+            run_rank_group(run_rank, layout.world_size, f"{tmp}/job.json", getattr(self, "spec", None), self.device)
         load_problems = [p for f in sorted(Path(job["out_dir"]).glob("load_problems_*.json"))
                          for p in json.loads(f.read_text())]
         return template_obj, view, layout, mca_state, report, load_problems
 
     def op_logprobs(self, dir: str, dtypes: list[str], tp: int, pp: int,  # noqa: A002
-                    prompts: dict[str, list[list[int]]], out_dir: str, template: str | None = None) -> dict[str, Any]:
-        """Convert, shard for (tp, pp), run tp*pp ranks; log-probs per dtype land in out_dir/<dtype>/."""
-        *_, report, load_problems = self._run_ranks(dir, template, tp, pp, {
-            "mode": "logprobs", "dtypes": dtypes, "prompts": prompts, "out_dir": out_dir})
-        return {"out_dir": out_dir, "files": {d: f"{out_dir}/{d}/logprobs.safetensors" for d in dtypes},
-                "conversion_problems": report.problems(), "load_problems": load_problems}
+                    prompts: dict[str, list[list[int]]], out_dir: str, template: str | None = None,
+                    ep: int = 1) -> dict[str, Any]:
+        """Convert, shard for (tp, pp, ep), run the layout's ranks; log-probs per dtype land in out_dir/<dtype>/.
+        A MoE model's router decisions come beside them (routing.safetensors, megatron_ranks._logprobs)."""
+        _, view, _, _, report, load_problems = self._run_ranks(dir, template, tp, pp, {
+            "mode": "logprobs", "dtypes": dtypes, "prompts": prompts, "out_dir": out_dir, "ep": ep})
+        result = {"out_dir": out_dir, "files": {d: f"{out_dir}/{d}/logprobs.safetensors" for d in dtypes},
+                  "conversion_problems": report.problems(), "load_problems": load_problems}
+        if view.get("num_moe_experts") and not load_problems:
+            result["routing"] = {d: _join_routing(Path(out_dir) / d, pp) for d in dtypes}
+        return result
 
     def op_capture(self, dir: str, dtypes: list[str], tp: int, pp: int, sequences: list[list[int]],  # noqa: A002
-                   out_dir: str, template: str | None = None) -> dict[str, Any]:
+                   out_dir: str, template: str | None = None, ep: int = 1) -> dict[str, Any]:
         """Divergence localization: the activation points of one batch at (tp, pp), joined into whole-model
         tensors per dtype (out_dir/<dtype>/capture.safetensors), and what produced each Megatron weight."""
         from safetensors.torch import load_file, save_file
@@ -256,7 +347,7 @@ class MegatronBackend(Backend):
         from .megatron_capture import join
 
         template_obj, view, layout, mca_state, report, load_problems = self._run_ranks(dir, template, tp, pp, {
-            "mode": "capture", "dtypes": dtypes, "sequences": sequences, "out_dir": out_dir})
+            "mode": "capture", "dtypes": dtypes, "sequences": sequences, "out_dir": out_dir, "ep": ep})
         files = {}
         for dtype in dtypes if not load_problems else ():
             per_rank = {(p, t): load_file(f"{out_dir}/{dtype}/capture_pp{p}_tp{t}.safetensors")
@@ -272,34 +363,33 @@ class MegatronBackend(Backend):
                 "num_layers": int(view.transformer_config_kwargs()["num_layers"])}
 
     def op_train(self, dir: str, dtype: str, tp: int, pp: int, sequences: list[list[int]], steps: int,  # noqa: A002
-                 out_dir: str, template: str | None = None) -> dict[str, Any]:
+                 out_dir: str, template: str | None = None, ep: int = 1) -> dict[str, Any]:
         """ROLL's megatron_train step on the fixed batch; grads and weights come back under HF names
         through the template's reverse direction (the part of a template only training exercises)."""
         import json
-
-        from safetensors.torch import load_file
 
         from ..convert import dist
         from ..train_step import save_train_result
 
         template_obj, view, layout, mca_state, report, load_problems = self._run_ranks(dir, template, tp, pp, {
-            "mode": "train", "dtype": dtype, "sequences": sequences, "steps": steps, "out_dir": out_dir})
+            "mode": "train", "dtype": dtype, "sequences": sequences, "steps": steps, "out_dir": out_dir, "ep": ep})
         if load_problems:  # a converter bug: judged as a failure naming the tensors, not a crash
             return {"load_problems": load_problems}
         result: dict[str, Any] = {"losses": json.loads((Path(out_dir) / "losses.json").read_text())}
         for kind in ("grads", "weights"):
-            shards = {(p, t): load_file(f"{out_dir}/{kind}_pp{p}_tp{t}.safetensors")
-                      for p in range(pp) for t in range(tp)}
+            shards = dist.load_rank_shards(out_dir, f"{kind}_", layout)  # whichever rank files exist
             whole = dist.gather_as(shards, layout, mca_state)  # the template may spell TE names
             hf, back = template_obj.mca_to_hf(whole, view)
             result[kind] = hf
             result[f"{kind}_conversion_problems"] = back.problems()
         saved = save_train_result(result, f"{out_dir}/hf")
-        return {**saved, "conversion_problems": result["grads_conversion_problems"]}
+        aux = Path(out_dir) / "aux_losses.json"  # MoE: step 0's load-balancing terms (megatron_ranks._aux_losses)
+        extra = json.loads(aux.read_text()) if aux.is_file() else {}
+        return {**saved, **extra, "conversion_problems": result["grads_conversion_problems"]}
 
     def op_refit_source(self, dir: str, dtype: str, tp: int, pp: int, sequences: list[list[int]],  # noqa: A002
                         prompts: dict[str, list[list[int]]], out_dir: str,
-                        template: str | None = None) -> dict[str, Any]:
+                        template: str | None = None, ep: int = 1) -> dict[str, Any]:
         """The trainer side of an RL weight sync, as ROLL's Megatron strategy performs it.
 
         tp*pp ranks take ONE train step on the train suite's fixed batch; the live post-step
@@ -309,8 +399,6 @@ class MegatronBackend(Backend):
         must reproduce) and before it (to show the step is visible at all)."""
         import json
 
-        from safetensors.torch import load_file
-
         from ..convert import dist
         from ..convert.refit import planted_fault, save_sync_file
 
@@ -318,10 +406,10 @@ class MegatronBackend(Backend):
         sync = "pre-step" if fault and fault["kind"] == "pre-step" else "post-step"
         template_obj, view, layout, mca_state, report, load_problems = self._run_ranks(dir, template, tp, pp, {
             "mode": "refit_source", "dtype": dtype, "sequences": sequences, "prompts": prompts,
-            "out_dir": out_dir, "sync": sync})
+            "out_dir": out_dir, "sync": sync, "ep": ep})
         if load_problems:  # a converter bug in the forward direction: judged as a failure naming the tensors
             return {"load_problems": load_problems}
-        shards = {(p, t): load_file(f"{out_dir}/live_pp{p}_tp{t}.safetensors") for p in range(pp) for t in range(tp)}
+        shards = dist.load_rank_shards(out_dir, "live_", layout)  # whichever rank files exist
         hf, back = template_obj.mca_to_hf(dist.gather_as(shards, layout, mca_state), view)
         return {"weights": save_sync_file(hf, f"{out_dir}/sync.safetensors"),
                 "logprobs": f"{out_dir}/logprobs.safetensors",

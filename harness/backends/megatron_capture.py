@@ -106,3 +106,50 @@ def join(per_rank: dict[tuple[int, int], dict[str, torch.Tensor]], tp: int) -> d
             else:
                 out[point] = torch.cat([per_rank[(stage, t)][point] for t in range(tp)], dim=dim)
     return out
+
+
+@contextlib.contextmanager
+def record_routing(model):
+    """Every MoE layer's router decisions in this stage's forwards: yields {global layer: {"logits": [T, E]
+    float32, the gating linear's output before any score function, "topk": [T, k] int64, the global expert
+    ids the router chose (its routing map), highest routing probability first}}, T = Megatron's tokens in
+    [seq, batch] order; each forward overwrites it (routing_points reorders it batch-major)."""
+    records: dict[int, dict[str, torch.Tensor]] = {}
+    restore = []
+    for layer in model.decoder.layers:
+        router = getattr(layer.mlp, "router", None)
+        if router is None:  # a dense layer (moe_layer_freq)
+            continue
+        index, gating = layer.layer_number - 1, router.gating
+
+        def recording_gating(inp, *args, i=index, gating=gating, **kwargs):
+            logits = gating(inp, *args, **kwargs)
+            records[i] = {"logits": logits.detach().float().reshape(-1, logits.shape[-1]).cpu().clone()}
+            return logits
+
+        def chosen(_m, _a, output, i=index, k=router.topk):
+            probs, routing_map = output
+            ids = probs.detach().float().masked_fill(~routing_map, float("-inf")).topk(k, dim=-1).indices
+            records[i]["topk"] = ids.cpu().to(torch.int64)
+
+        router.gating = recording_gating  # the instance attribute shadows the method Router.forward calls
+        restore.append((router, router.register_forward_hook(chosen)))
+    try:
+        yield records
+    finally:
+        for router, handle in restore:
+            handle.remove()
+            del router.gating
+
+
+def routing_points(records: dict, set_name: str, batch: int, length: int) -> dict[str, torch.Tensor]:
+    """The contract's routing keys for one prompt set: "{set}/layers.{L}/topk" int64 [B, S, k] and
+    "{set}/layers.{L}/logits" float32 [B, S, E], batch-major (Megatron's tokens are [S, B] flattened),
+    padding positions included, cut to the batch's `length`."""
+    out = {}
+    for layer, rec in sorted(records.items()):
+        for kind in ("topk", "logits"):
+            tensor = rec[kind]
+            out[f"{set_name}/layers.{layer}/{kind}"] = (
+                tensor.view(-1, batch, tensor.shape[-1]).transpose(0, 1)[:, :length].contiguous())
+    return out

@@ -1,7 +1,9 @@
 """One rank of a multi-process megatron-core job (gloo on CPU, NCCL on GPU).
 
-Spawned by the Megatron backend with world size tp*pp. Each rank loads its shard (names and
-shapes the converter got wrong are reported, named), then either runs the prompt sets forward
+Spawned by the Megatron backend with world size pp * lcm(tp, ep) (expert parallelism with expert
+tensor parallel size 1; the ranks EP adds beyond TP are data-parallel for the dense weights). Each rank
+loads the shard tagged with its (pp, tp, ep) ranks (names and shapes the converter got wrong are
+reported, named), then either runs the prompt sets forward
 (mode "logprobs": the last stage writes log-probabilities), trains on the fixed batch (mode
 "train": loss per step, first-step gradients and updated weights per rank), or is the source of
 a weight sync (mode "refit_source": log-probs before and after one train step, and the live
@@ -11,6 +13,17 @@ weights and gradients), the forward-backward schedule of get_forward_backward_fu
 MICROBATCHES micro-batches (1F1B across pipeline stages; megatron-core all-reduces tied embedding
 gradients between first and last stage) and vocab-parallel cross-entropy. The evaluation forwards
 (log-probs) pass hidden states between stages with send/recv, one prompt set at a time.
+
+Data-parallel ranks (tp1 ep2 is dp2 for the dense weights) all run the same batch: eval forwards write
+from data-parallel rank 0 only; in training each takes the whole batch, so DDP's gradient sum is twice
+the single-rank gradient and finalize_model_grads divides by twice the tokens (the token count is
+all-reduced over data-parallel ranks): exactly the reference's token-mean gradient, and every rank's
+micro-batches, hence megatron-core's aux losses, equal the single-rank layout's. With dp > 1 the
+optimizer is megatron-core's non-distributed one (gradients all-reduced, every rank the whole fp32 main
+weights: Float16OptimizerWithFloat16Params in bf16, FP32Optimizer in fp32); the DistributedOptimizer
+would shard the main weights and reduce-scatter the gradients over the data-parallel ranks.
+MoE routing (mode "logprobs"): each stage's data-parallel rank 0 on TP rank 0 records every MoE layer's
+router logits and top-k expert ids per prompt set (megatron_capture.record_routing).
 """
 from __future__ import annotations
 
@@ -20,12 +33,20 @@ import json
 from pathlib import Path
 
 
-def _causal_batch(seqs: list[list[int]]):
+def _pad_to(t, multiple: int, value: int):
+    """Right-pad the sequence dimension (1) to a multiple (sequence parallelism splits it over tp)."""
+    import torch
+
+    extra = -t.shape[1] % multiple
+    return t if not extra else torch.cat([t, t.new_full((t.shape[0], extra), value)], dim=1)
+
+
+def _causal_batch(seqs: list[list[int]], multiple: int = 1):
     import torch
 
     from ..train_step import make_batch
 
-    ids = make_batch(seqs)["input_ids"]  # the same right padding every backend gets
+    ids = _pad_to(make_batch(seqs)["input_ids"], multiple, 0)  # the same right padding every backend gets
     length = ids.shape[1]
     positions = torch.arange(length).expand(len(seqs), length)
     # True = masked. Right padding needs no extra mask: valid positions never attend to later pads.
@@ -56,7 +77,8 @@ def setup_group(rank: int, world: int, port: int, job: dict):
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    ps.initialize_model_parallel(job["tp"], job["pp"])
+    ps.initialize_model_parallel(job["tp"], job["pp"], expert_model_parallel_size=job.get("ep", 1),
+                                 expert_tensor_parallel_size=1)
     tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     if not placement.cuda:
         # megatron-core 0.16 asks torch.cuda.current_device() in RoPE and the attention buffer
@@ -72,20 +94,28 @@ class Rank:
         import torch.distributed as dist
 
         self.job, self.torch, self.dist = job, torch, dist
-        self.tp, self.pp = job["tp"], job["pp"]
+        self.tp, self.pp, self.ep = job["tp"], job["pp"], job.get("ep", 1)
         placement = setup_group(rank, world, port, job)
         self.cuda, self.device = placement.cuda, placement.device
         from megatron.core import parallel_state as ps
 
         self.ps = ps
+        from ..convert.dist import rank_tag
+
         self.pp_rank, self.tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+        self.ep_rank, self.dp_rank = ps.get_expert_model_parallel_rank(), ps.get_data_parallel_rank()
+        self.dp = ps.get_data_parallel_world_size()
         self.first, self.last = self.pp_rank == 0, self.pp_rank == self.pp - 1
-        self.tag = f"pp{self.pp_rank}_tp{self.tp_rank}"
+        self.tag = rank_tag(self.pp_rank, self.tp_rank, self.ep_rank, self.ep)
+        self.capture_tag = f"pp{self.pp_rank}_tp{self.tp_rank}"  # data-parallel rank 0 captures (megatron_capture.join)
+        # the one rank per stage (data-parallel 0, TP 0) that writes a stage's or the last stage's outputs
+        self.writer = self.tp_rank == 0 and self.dp_rank == 0
         self.out = Path(job["out_dir"])
         self.out.mkdir(parents=True, exist_ok=True)
 
-    def build(self, dtype: str, shard):
-        """The stage's GPTModel with its shard loaded, or None (all ranks agree) if any shard failed."""
+    def build(self, dtype: str, shard, train: bool = False):
+        """The stage's GPTModel with its shard loaded, or None (all ranks agree) if any shard failed.
+        A MoE model that trains under TP is built sequence-parallel (megatron-core's MoE layer requires it)."""
         from megatron.core.models.gpt import GPTModel
 
         from .megatron import build_transformer_config, cpu_training_compat, local_layer_spec
@@ -93,6 +123,8 @@ class Rank:
         torch, tdtype = self.torch, getattr(self.torch, dtype)
         tc, _ = build_transformer_config(self.job["mca_kwargs"], dtype, cpu=not self.cuda)
         tc = dataclasses.replace(tc, tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
+                                 expert_model_parallel_size=self.ep, expert_tensor_parallel_size=1,
+                                 sequence_parallel=bool(train and tc.num_moe_experts and self.tp > 1),
                                  pipeline_dtype=tdtype, hidden_dropout=0.0, attention_dropout=0.0)
         if not self.cuda and tc.window_size:
             cpu_training_compat()  # the window mask is allocated on device="cuda" (CUDA_LITERAL_MODULES)
@@ -106,11 +138,15 @@ class Rank:
         return (None if flag.item() else model), tc
 
     def forward(self, model, tc, dtype, seqs):
-        """This stage's forward for one micro-batch; returns (input tensor or None, output)."""
-        ids, positions, mask = (t.to(self.device) for t in _causal_batch(seqs))
+        """This stage's forward for one micro-batch; returns (input tensor or None, output).
+        Sequence-parallel: right-padded to a multiple of tp (causal: earlier positions see none of it; MoE
+        routes every token on its own, no capacity), the last stage's output cut back to the batch's length."""
+        ids, positions, mask = (t.to(self.device) for t in _causal_batch(seqs, self.tp if tc.sequence_parallel else 1))
+        length = max(len(s) for s in seqs)
         received = None
         if not self.first:
-            received = self.torch.empty(ids.shape[1], ids.shape[0], tc.hidden_size,
+            rows = ids.shape[1] // self.tp if tc.sequence_parallel else ids.shape[1]
+            received = self.torch.empty(rows, ids.shape[0], tc.hidden_size,
                                         dtype=getattr(self.torch, dtype), device=self.device)
             self.dist.recv(received, src=self.ps.get_pipeline_model_parallel_prev_rank())
             received.requires_grad_(self.torch.is_grad_enabled())
@@ -118,19 +154,25 @@ class Rank:
         out = model(ids, positions, mask)
         if not self.last:
             self.dist.send(out.detach().contiguous(), dst=self.ps.get_pipeline_model_parallel_next_rank())
-        return received, out
+        return received, (out[:, :length] if self.last else out)
 
 
-def _prompt_logprobs(r: Rank, model, tc, dtype: str) -> dict:
-    """Full-vocabulary log-probs per prompt set (eval, no grad); filled on the last stage's tp rank 0."""
+def _prompt_logprobs(r: Rank, model, tc, dtype: str, routing: dict | None = None) -> dict:
+    """Full-vocabulary log-probs per prompt set (eval, no grad); filled on the last stage's writer rank.
+    `routing` (a MoE model's eval): filled with this stage's router decisions per set on its writer rank."""
+    from .megatron_capture import record_routing, routing_points
+
     torch = r.torch
     model.eval()
     outputs = {}
-    with torch.no_grad():
+    recording = record_routing(model) if routing is not None else contextlib.nullcontext({})
+    with torch.no_grad(), recording as records:
         for set_name, seqs in r.job["prompts"].items():
             _, out = r.forward(model, tc, dtype, seqs)
-            if r.last and r.tp_rank == 0:
+            if r.last and r.writer:
                 outputs[set_name] = torch.log_softmax(out.float(), dim=-1).cpu().contiguous()
+            if routing is not None and r.writer:
+                routing.update(routing_points(records, set_name, len(seqs), max(len(s) for s in seqs)))
     return outputs
 
 
@@ -140,10 +182,13 @@ def _logprobs(r: Rank, shard) -> None:
     for dtype in r.job["dtypes"]:
         model, tc = r.build(dtype, shard)
         if model is not None:
-            outputs = _prompt_logprobs(r, model, tc, dtype)
+            routing = {} if tc.num_moe_experts else None
+            outputs = _prompt_logprobs(r, model, tc, dtype, routing)
+            (r.out / dtype).mkdir(parents=True, exist_ok=True)
             if outputs:
-                (r.out / dtype).mkdir(parents=True, exist_ok=True)
                 save_file(outputs, str(r.out / dtype / "logprobs.safetensors"))
+            if routing is not None and r.writer:  # joined over the stages by the backend (_join_routing)
+                save_file(routing, str(r.out / dtype / f"routing_stage{r.pp_rank}.safetensors"))
         del model
         r.dist.barrier()
 
@@ -175,7 +220,8 @@ def _megatron_trainer(r: Rank, model, dtype: str):
     """megatron-core's own training stack around the built stage: DistributedDataParallel with a
     contiguous fp32 gradient buffer (main_grad) and the DistributedOptimizer holding fp32 main
     weights (bf16: the model's parameters are the bf16 copy), with the reference's AdamW
-    hyper-parameters. Returns (ddp model, optimizer)."""
+    hyper-parameters; with data-parallel ranks (EP's), the non-distributed optimizer (module docstring).
+    Returns (ddp model, optimizer)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -186,17 +232,18 @@ def _megatron_trainer(r: Rank, model, dtype: str):
     if not r.cuda:
         cpu_training_compat()
     bf16 = dtype == "bfloat16"
+    sharded = r.dp == 1  # a DistributedOptimizer over one data-parallel rank shards nothing
     config = model.config
     config.calculate_per_token_loss = True  # loss = token mean over the whole batch (microbatch_loss)
     config.batch_p2p_sync = False  # the batched p2p path calls torch.cuda.synchronize() otherwise
     # Megatron-LM with --bf16 accumulates and reduces gradients in fp32 (main_grad)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               overlap_param_gather=False, use_distributed_optimizer=True)
+                                               overlap_param_gather=False, use_distributed_optimizer=sharded)
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     opt_config = OptimizerConfig(
         optimizer="adam", lr=OPTIMIZER["lr"], weight_decay=OPTIMIZER["weight_decay"],
         adam_beta1=OPTIMIZER["betas"][0], adam_beta2=OPTIMIZER["betas"][1], adam_eps=OPTIMIZER["eps"],
-        bf16=bf16, params_dtype=getattr(torch, dtype), use_distributed_optimizer=True,
+        bf16=bf16, params_dtype=getattr(torch, dtype), use_distributed_optimizer=sharded,
         clip_grad=0.0,  # the reference does not clip (megatron-core's default is 1.0)
         log_num_zeros_in_grad=False)
     # config_overrides={}: every parameter in one group with the reference's weight decay (the
@@ -209,12 +256,21 @@ def _megatron_trainer(r: Rank, model, dtype: str):
     return ddp, optimizer
 
 
-def _main_weights(model) -> dict:
-    """Each parameter's fp32 main weight after the optimizer step (the DistributedOptimizer's master
-    copy in bf16; in fp32 the parameter is its own main weight)."""
-    weights = {}
+def _fp32_copies(optimizer) -> dict:
+    """id(model parameter) -> its fp32 main copy in megatron-core's non-distributed bf16 optimizer
+    (Float16OptimizerWithFloat16Params), over a ChainedOptimizer's parts (EP: dense and expert groups)."""
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return {id(model_p): main_p for part in parts
+            for model_g, main_g in zip(getattr(part, "float16_groups", []), getattr(part, "fp32_from_float16_groups", []))
+            for model_p, main_p in zip(model_g, main_g)}
+
+
+def _main_weights(model, optimizer) -> dict:
+    """Each parameter's fp32 main weight after the optimizer step (the optimizer's master copy in bf16;
+    in fp32 the parameter is its own main weight)."""
+    weights, copies = {}, _fp32_copies(optimizer)
     for name, param in model.named_parameters():
-        main = getattr(param, "main_param", None)
+        main = getattr(param, "main_param", None) if id(param) not in copies else copies[id(param)]
         if main is not None:
             assert main.numel() == param.numel(), f"{name}: main weight sharded over data-parallel ranks"
             main = main.view(param.shape)
@@ -227,8 +283,10 @@ def _fit(r: Rank, model, tc, dtype: str, steps: int, after_first_step=None):
 
     Each step: zero the gradient buffer, megatron-core's forward-backward schedule over
     MICROBATCHES micro-batches (1F1B across pipeline stages), vocab-parallel cross-entropy on the
-    TP-sharded logits, then the DistributedOptimizer's step. `after_first_step()` runs right after
-    the first update (the train suite judges the weights there)."""
+    TP-sharded logits, then the optimizer's step. `after_first_step(optimizer)` runs right after
+    the first update (the train suite judges the weights there). Also returns a MoE model's step-0
+    load-balancing losses (_aux_losses). Sequence-parallel (MoE under TP): the batch is right-padded to a
+    multiple of tp with masked labels."""
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -238,8 +296,9 @@ def _fit(r: Rank, model, tc, dtype: str, steps: int, after_first_step=None):
     ddp, optimizer = _megatron_trainer(r, model, dtype)
     ddp.train()
     seqs = r.job["sequences"]
-    ids, positions, mask = (t.to(r.device) for t in _causal_batch(seqs))
-    labels = make_batch(seqs)["labels"].to(r.device)
+    multiple = r.tp if tc.sequence_parallel else 1
+    ids, positions, mask = (t.to(r.device) for t in _causal_batch(seqs, multiple))
+    labels = _pad_to(make_batch(seqs)["labels"], multiple, IGNORE).to(r.device)
     loss_mask = labels != IGNORE
     targets = labels.masked_fill(~loss_mask, 0)  # any id: masked positions are multiplied by 0
     rows = torch.arange(len(seqs), device=r.device).tensor_split(MICROBATCHES)
@@ -264,7 +323,7 @@ def _fit(r: Rank, model, tc, dtype: str, steps: int, after_first_step=None):
         return output, loss_func
 
     schedule = get_forward_backward_func()
-    losses, grads = [], {}
+    losses, grads, aux = [], {}, {}
     for step in range(steps):
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
@@ -274,29 +333,70 @@ def _fit(r: Rank, model, tc, dtype: str, steps: int, after_first_step=None):
         if r.last:
             total = torch.stack([d["lm loss"] for d in reported]).sum(0)
             losses.append(float(total[0] / total[1]))
+        if tc.num_moe_experts:
+            aux = _aux_losses(r, tc) if step == 0 else aux
         if step == 0:  # main_grad: the fp32 buffer after the schedule's finalize (÷ the batch's tokens)
             grads = {n: p.main_grad.detach().float().cpu().clone() for n, p in model.named_parameters()
                      if getattr(p, "main_grad", None) is not None}
         optimizer_step(optimizer, step)
         if step == 0 and after_first_step is not None:
-            after_first_step()
-    return losses, grads
+            after_first_step(optimizer)
+    return losses, grads, aux
+
+
+def _moe_layers(tc) -> list[int]:
+    """Global indices of the sparse layers (TransformerConfig.moe_layer_freq: every N-th, or a 0/1 list)."""
+    freq = tc.moe_layer_freq
+    pattern = freq if isinstance(freq, list) else [int(i % freq == 0) for i in range(tc.num_layers)]
+    return [i for i, sparse in enumerate(pattern) if sparse]
+
+
+def _aux_losses(r: Rank, tc) -> dict:
+    """The step's load-balancing loss per MoE layer from megatron-core's tracker, reduced as Megatron-LM logs
+    it (reduce_aux_losses_tracker_across_ranks: summed over stages and over the TP/sequence shards a router
+    saw, averaged over data-parallel ranks) and averaged over the micro-batches, times the coefficient: the
+    term each micro-batch adds to its objective, coeff * switch_load_balancing_loss over that micro-batch's
+    tokens (padding positions included), as the mean over MICROBATCHES micro-batches. Clears the tracker.
+    A coefficient of 0 computes none: {}."""
+    from megatron.core.transformer.moe import moe_utils
+
+    from ..train_step import MICROBATCHES
+
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    tracking = r.torch.tensor([int("load_balancing_loss" in tracker)], device=r.device)
+    r.dist.all_reduce(tracking)  # the reduction below is collective
+    if not tracking.item():
+        return {}
+    if "load_balancing_loss" not in tracker:  # a stage of dense layers only: zeros, reduced like the router's
+        tracker["load_balancing_loss"] = {
+            "values": r.torch.zeros(tc.num_layers, device=r.device), "avg_group": None, "reduce_group_has_dp": False,
+            "reduce_group": r.ps.get_tensor_and_context_parallel_group()}
+    moe_utils.reduce_aux_losses_tracker_across_ranks(["load_balancing_loss"])
+    coeff = tc.moe_aux_loss_coeff
+    values = tracker["load_balancing_loss"]["values"].float().cpu()
+    moe_utils.clear_aux_losses_tracker()
+    return {f"layers.{i}": float(values[i]) * float(coeff[i] if isinstance(coeff, list) else coeff) / MICROBATCHES
+            for i in _moe_layers(tc)}
 
 
 def _train(r: Rank, shard) -> None:
     from safetensors.torch import save_file
 
     dtype = r.job["dtype"]
-    model, tc = r.build(dtype, shard)
+    model, tc = r.build(dtype, shard, train=True)
     if model is None:
         return
     weights = {}
     # judged after the first update (see harness.train_step.first_update_weights)
-    losses, grads = _fit(r, model, tc, dtype, r.job["steps"], lambda: weights.update(_main_weights(model)))
+    losses, grads, aux = _fit(r, model, tc, dtype, r.job["steps"],
+                              lambda optimizer: weights.update(_main_weights(model, optimizer)))
     save_file(grads, str(r.out / f"grads_{r.tag}.safetensors"))
     save_file(weights, str(r.out / f"weights_{r.tag}.safetensors"))
-    if r.last and r.tp_rank == 0:
+    if r.last and r.writer:
         (r.out / "losses.json").write_text(json.dumps(losses))
+        if tc.num_moe_experts:
+            (r.out / "aux_losses.json").write_text(json.dumps(
+                {"aux_losses": aux, "aux_loss_coeff": tc.moe_aux_loss_coeff}))
     r.dist.barrier()
 
 
@@ -310,12 +410,12 @@ def _refit_source(r: Rank, shard) -> None:
     from safetensors.torch import save_file
 
     dtype = r.job["dtype"]
-    model, tc = r.build(dtype, shard)
+    model, tc = r.build(dtype, shard, train=True)
     if model is None:
         return
     before = _prompt_logprobs(r, model, tc, dtype)
     stale = _live(model) if r.job.get("sync") == "pre-step" else None
-    losses, _ = _fit(r, model, tc, dtype, 1)
+    losses, _, _ = _fit(r, model, tc, dtype, 1)
     after = _prompt_logprobs(r, model, tc, dtype)
     save_file(stale if stale is not None else _live(model), str(r.out / f"live_{r.tag}.safetensors"))
     if before:
@@ -339,7 +439,8 @@ def _capture(r: Rank, shard) -> None:
             with r.torch.no_grad(), capture(model, store):
                 r.forward(model, tc, dtype, r.job["sequences"])
             (r.out / dtype).mkdir(parents=True, exist_ok=True)
-            save_file(store, str(r.out / dtype / f"capture_{r.tag}.safetensors"))
+            if r.dp_rank == 0:  # each (stage, TP rank) once: megatron_capture.join's keys
+                save_file(store, str(r.out / dtype / f"capture_{r.capture_tag}.safetensors"))
         del model
         r.dist.barrier()
 

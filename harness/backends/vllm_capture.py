@@ -107,3 +107,68 @@ def capture(llm, sequences: list[list[int]], num_heads: int, num_kv_heads: int) 
             handle.remove()
     complete = {p: _padded(ts) for p, ts in per_point.items() if len(ts) == len(sequences)}
     return complete, problems
+
+
+def _routers(model) -> dict[int, Any]:
+    """layer index -> the router of its fused-MoE runner (vllm 0.32: MoERunner.router.select_experts)."""
+    out = {}
+    for name, module in model.named_modules():
+        router = getattr(module, "router", None)
+        if hasattr(router, "select_experts") and ".layers." in f".{name}":
+            out[int(name.split("layers.")[1].split(".")[0])] = router
+    return out
+
+
+def capture_routing(llm, prompts: dict[str, list[list[int]]]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The engine's own routing, in the routing file's format (harness/checks/routing.py): each sequence is
+    prefilled alone and every MoE layer's router_logits and the expert ids its router selected are recorded
+    from `select_experts` (what the fused kernel then runs on). Problems: a layer whose router was not
+    called (a monolithic kernel routes inside its fused op) or saw another token count than the prompt's."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    calls: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def install(model):
+        undo = []
+        for layer, router in _routers(model).items():
+            original = router.select_experts
+
+            def recording(*args, _original=original, _layer=layer, **kwargs):
+                weights, ids = _original(*args, **kwargs)
+                logits = kwargs["router_logits"] if "router_logits" in kwargs else args[1]
+                calls.setdefault(_layer, []).append((logits.detach().float().cpu().clone(),
+                                                     ids.detach().long().cpu().clone()))
+                return weights, ids
+
+            router.select_experts = recording
+            undo.append(lambda r=router: delattr(r, "select_experts"))  # back to the class's method
+        return undo
+
+    undo = llm.apply_model(install)[0]
+    out: dict[str, torch.Tensor] = {}
+    problems: list[str] = []
+    if not undo:
+        return out, ["the engine's model has no fused-MoE router to read"]
+    try:
+        for name, seqs in prompts.items():
+            per_layer: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+            for i, seq in enumerate(seqs):
+                calls.clear()
+                llm.generate([TokensPrompt(prompt_token_ids=list(seq))], SamplingParams(max_tokens=1, temperature=0.0),
+                             use_tqdm=False)
+                for layer, chunks in calls.items():  # the prefill only: a chunked prefill calls the router per chunk
+                    logits, ids = torch.cat([c[0] for c in chunks])[: len(seq)], torch.cat([c[1] for c in chunks])
+                    if logits.shape[0] != len(seq):
+                        problems.append(f"prompt set {name!r} layers.{layer}: sequence {i} routed "
+                                        f"{logits.shape[0]} tokens, the prompt has {len(seq)}")
+                        continue
+                    per_layer.setdefault(layer, []).append((logits, ids[: len(seq)]))
+            for layer, rows in per_layer.items():
+                if len(rows) == len(seqs):
+                    out[f"{name}/layers.{layer}/logits"] = _padded([r[0] for r in rows])
+                    out[f"{name}/layers.{layer}/topk"] = _padded([r[1] for r in rows]).long()
+    finally:
+        for restore in undo:
+            restore()
+    return out, problems

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..moe_layers import hf_moe_layers, megatron_moe_layers
 from ..verdict import Verdict, from_problems
 from ..windows import hf_layer_windows, layer_kinds, megatron_layer_windows
 
@@ -43,6 +44,8 @@ IGNORED_KEYS: dict[str, str] = {
     "tokenizer_class": "tokenizer only",
     "auto_map": "remote-code class lookup, checked by the HF suite",
     "tie_encoder_decoder": "encoder-decoder models only",
+    # MoE: HF returns router logits (and adds its own aux loss to .loss) only when asked
+    "output_router_logits": "training-only output toggle for HF's own aux loss; the objective is router_aux_loss_coef",
 }
 
 
@@ -140,11 +143,175 @@ def _mca_windows(b: dict) -> list:
 
 _WINDOW_KEYS = frozenset({"window_size", "window_attn_skip_freq"})
 
+
+# ---- MoE (Mixtral, Qwen2-MoE, Qwen3-MoE) ----
+# built["hf_config"] is HF's config, so a backend side can be shown in the same per-layer shape as HF's.
+def _experts(cfg: dict) -> int:
+    return int(cfg.get("num_experts", cfg.get("num_local_experts")) or 0)
+
+
+def _mca_sparse(b: dict) -> list[bool]:
+    tc = b["tc"]
+    if not tc.get("num_moe_experts"):
+        return [False] * int(tc["num_layers"])
+    return megatron_moe_layers(tc.get("moe_layer_freq", 1), int(tc["num_layers"]))
+
+
+def _flags(pattern: list[bool]) -> list[int]:
+    return [int(flag) for flag in pattern]
+
+
+def _hf_widths(cfg: dict) -> Any:
+    """intermediate_size as HF uses it: a dense model's MLP; per layer, the dense layers' MLP of a Qwen-MoE
+    (its experts read moe_intermediate_size), or Mixtral's experts (it has no other MLP)."""
+    width = cfg.get("intermediate_size")
+    if not _experts(cfg):
+        return width
+    if "moe_intermediate_size" in cfg:
+        return [width if not sparse else "sparse" for sparse in hf_moe_layers(cfg)]
+    return [width if not sparse else {"experts": width} for sparse in hf_moe_layers(cfg)]
+
+
+def _mca_widths(b: dict) -> Any:
+    cfg, tc = b["hf_config"], b["tc"]
+    if not _experts(cfg):
+        return tc.get("ffn_hidden_size")
+    if "moe_intermediate_size" in cfg:
+        return [tc.get("ffn_hidden_size") if not sparse else "sparse" for sparse in _mca_sparse(b)]
+    return [tc.get("ffn_hidden_size") if not sparse else {"experts": tc.get("moe_ffn_hidden_size")}
+            for sparse in _mca_sparse(b)]
+
+
+def _all_sparse_with_own_width(cfg: dict) -> bool:
+    return bool(_experts(cfg)) and "moe_intermediate_size" in cfg and all(hf_moe_layers(cfg))
+
+
+_RENORMALISED = "softmax over the top-k (probabilities renormalised to sum 1)"
+_FULL_SOFTMAX = "softmax over all experts, top-k values kept"
+
+
+def _hf_weighting(cfg: dict) -> str:
+    """HF's routing weights: Qwen-MoE's TopKRouter renormalises iff norm_topk_prob; Mixtral's always does."""
+    return _RENORMALISED if cfg.get("norm_topk_prob", True) else _FULL_SOFTMAX
+
+
+def _mca_weighting(b: dict) -> str:
+    """megatron-core's (moe_utils.topk_routing_with_score_function): pre_softmax = softmax over all experts,
+    then top-k; otherwise top-k of the logits, then softmax over those k -- HF's renormalised weights."""
+    tc = b["tc"]
+    if tc.get("moe_router_score_function", "softmax") == "softmax":
+        text = _FULL_SOFTMAX if tc.get("moe_router_pre_softmax") else _RENORMALISED
+    else:
+        text = f"{tc.get('moe_router_score_function')} scores"
+    if tc.get("moe_router_group_topk"):
+        text += f", group-limited (top {tc['moe_router_group_topk']} of {tc.get('moe_router_num_groups')} groups)"
+    if tc.get("moe_router_enable_expert_bias"):
+        text += ", expert bias"
+    if tc.get("moe_router_topk_scaling_factor"):
+        text += f", scaled by {tc['moe_router_topk_scaling_factor']}"
+    return text
+
+
+def _hf_topk(cfg: dict) -> Any:
+    # a family without norm_topk_prob (Mixtral) has its weighting judged here
+    k = cfg.get("num_experts_per_tok")
+    return k if "norm_topk_prob" in cfg else {"top_k": k, "weights": _hf_weighting(cfg)}
+
+
+def _mca_topk(b: dict) -> Any:
+    k = b["tc"].get("moe_router_topk")
+    return k if "norm_topk_prob" in b["hf_config"] else {"top_k": k, "weights": _mca_weighting(b)}
+
+
+def _places_sparse(cfg: dict) -> bool:
+    return "decoder_sparse_step" in cfg or "mlp_only_layers" in cfg
+
+
+def _hf_experts(cfg: dict) -> Any:
+    # a family with no placement key (Mixtral: every layer sparse) has its placement judged here
+    if _places_sparse(cfg):
+        return _experts(cfg)
+    return {"experts": _experts(cfg), "sparse_layers": _flags(hf_moe_layers(cfg))}
+
+
+def _mca_experts(b: dict) -> Any:
+    experts = b["tc"].get("num_moe_experts")
+    if _places_sparse(b["hf_config"]):
+        return experts
+    return {"experts": experts, "sparse_layers": _flags(_mca_sparse(b))}
+
+
+def _hf_aux(cfg: dict) -> Any:
+    """HF's load-balancing loss (load_balancing_loss_func) is the Switch-Transformer one: megatron's aux_loss."""
+    coef = float(cfg.get("router_aux_loss_coef") or 0.0)
+    return ["aux_loss", coef] if coef else 0.0
+
+
+def _mca_aux(b: dict) -> Any:
+    tc = b["tc"]
+    kind, coef = tc.get("moe_router_load_balancing_type", "aux_loss"), tc.get("moe_aux_loss_coeff") or 0.0
+    if kind == "none" or not coef:
+        return 0.0
+    return [kind, coef] if isinstance(coef, list) else [kind, float(coef)]
+
+
+def _hf_shared(cfg: dict) -> dict:
+    # Qwen2MoeSparseMoeBlock: the shared expert's output is always scaled by sigmoid(shared_expert_gate(x))
+    return {"size": cfg.get("shared_expert_intermediate_size"), "gate": "sigmoid"}
+
+
+def _mca_shared(b: dict) -> dict:
+    tc = b["tc"]  # SharedExpertMLP: a gate_weight and its sigmoid only with moe_shared_expert_gate
+    return {"size": tc.get("moe_shared_expert_intermediate_size"),
+            "gate": "sigmoid" if tc.get("moe_shared_expert_gate") else None}
+
+
+def _hf_jitter(cfg: dict) -> Any:
+    return {"scales": "router and expert input", "eps": cfg.get("router_jitter_noise")}
+
+
+def _mca_jitter(b: dict) -> Any:
+    # megatron-core's moe_input_jitter_eps jitters the router's input only: never the same as Mixtral's
+    eps = b["tc"].get("moe_input_jitter_eps")
+    return {"scales": "router input only", "eps": eps} if eps else None
+
+
+def _sparse_flags_hf(cfg: dict) -> list[int]:
+    return _flags(hf_moe_layers(cfg))
+
+
+def _sparse_flags_mca(b: dict) -> list[int]:
+    return _flags(_mca_sparse(b))
+
+
+_MOE_RULES: dict[str, Rule] = {
+    "num_experts": Rule(frozenset({"num_moe_experts"}), _hf_experts, _mca_experts),
+    "num_local_experts": Rule(frozenset({"num_moe_experts"}), _hf_experts, _mca_experts),
+    "num_experts_per_tok": Rule(frozenset({"moe_router_topk"}), _hf_topk, _mca_topk),
+    "norm_topk_prob": Rule(frozenset({"moe_router_pre_softmax"}), _hf_weighting, _mca_weighting),
+    "moe_intermediate_size": Rule(frozenset({"moe_ffn_hidden_size", "ffn_hidden_size"}),
+                                  _field("moe_intermediate_size"), _tc("moe_ffn_hidden_size")),
+    # HF: layer i sparse iff (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers; megatron-core's
+    # moe_layer_freq N: i % N == 0 (a decoder_sparse_step > 1 renamed to it moves every sparse layer by one)
+    "decoder_sparse_step": Rule(frozenset({"moe_layer_freq"}), _sparse_flags_hf, _sparse_flags_mca,
+                                derivable=True),
+    "mlp_only_layers": Rule(frozenset({"moe_layer_freq"}), _sparse_flags_hf, _sparse_flags_mca,
+                            inactive=lambda cfg: not cfg.get("mlp_only_layers")),
+    "shared_expert_intermediate_size": Rule(frozenset({"moe_shared_expert_intermediate_size"}), _hf_shared,
+                                            _mca_shared),
+    "router_aux_loss_coef": Rule(frozenset({"moe_aux_loss_coeff"}), _hf_aux, _mca_aux),
+    # training-time noise (HF applies it only in train mode), but a train step is certified: never silently off
+    "router_jitter_noise": Rule(frozenset({"moe_input_jitter_eps"}), _hf_jitter, _mca_jitter,
+                                inactive=lambda cfg: not cfg.get("router_jitter_noise")),
+    "qkv_bias": Rule(frozenset({"add_qkv_bias"}), _field("qkv_bias"), _tc("add_qkv_bias")),  # Qwen2-MoE's name
+}
+
 # Megatron-core semantics of HF keys. `built` = {"tc": TransformerConfig values, "gpt": GPTModel kwargs}.
 MEGATRON_RULES: dict[str, Rule] = {
     "vocab_size": Rule(frozenset({"padded_vocab_size"}), _field("vocab_size"), _gpt("vocab_size")),
     "hidden_size": Rule(frozenset({"hidden_size"}), _field("hidden_size"), _tc("hidden_size")),
-    "intermediate_size": Rule(frozenset({"ffn_hidden_size"}), _field("intermediate_size"), _tc("ffn_hidden_size")),
+    "intermediate_size": Rule(frozenset({"ffn_hidden_size", "moe_ffn_hidden_size"}), _hf_widths, _mca_widths,
+                              inactive=_all_sparse_with_own_width),
     "num_hidden_layers": Rule(frozenset({"num_layers"}), _field("num_hidden_layers"), _tc("num_layers")),
     "num_attention_heads": Rule(frozenset({"num_attention_heads"}), _field("num_attention_heads"),
                                 _tc("num_attention_heads")),
@@ -190,6 +357,7 @@ MEGATRON_RULES: dict[str, Rule] = {
                         <= {"full_attention", "sliding_attention"}),
     "pretraining_tp": Rule(frozenset(), _field("pretraining_tp"), lambda b: 1,
                            inactive=lambda cfg: cfg.get("pretraining_tp", 1) == 1),
+    **_MOE_RULES,
 }
 
 
@@ -209,6 +377,7 @@ def measure(hf_config: dict, template_kwargs: dict, absent_hf_keys: list[str], c
             built: dict, rules: dict[str, Rule] = MEGATRON_RULES) -> dict[str, Any]:
     """Per-key table of how each HF config key reaches the backend (before waivers)."""
     table: dict[str, dict[str, Any]] = {}
+    built = {**built, "hf_config": hf_config}  # the MoE rules show Megatron's values in HF's per-layer shape
     for key in sorted(hf_config):
         row: dict[str, Any] = {"hf": _jsonable(hf_config[key])}
         if key in IGNORED_KEYS:

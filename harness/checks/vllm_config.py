@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import engine_config
+from ..moe_layers import hf_moe_layers
 from ..windows import hf_layer_windows, layer_kinds
 from .config_parsing import _SLIDING_OFF, Rule, _act_name, _field, _rope
 from .engine_config import ENGINE_IGNORED
@@ -29,6 +30,7 @@ def engine_view(model_config, facts: dict[str, Any]) -> dict[str, Any]:
         "num_key_value_heads": model_config.get_total_num_kv_heads(),
         "head_dim": model_config.get_head_size(),
         "sliding_window": model_config.get_sliding_window(),
+        "model_type": getattr(model_config.hf_config, "model_type", None),
     }
     return {"mc": mc, "model": facts}
 
@@ -61,10 +63,32 @@ def _rule(key: str, hf, engine, **kw) -> Rule:
     return Rule(frozenset({key}), hf, engine, **kw)
 
 
+def _moe(name: str):
+    """A fact of the engine's fused-MoE layers (None: the model class has none, or does not expose it)."""
+    return lambda v: (v["model"].get("moe") or {}).get(name)
+
+
+def _dense(cfg: dict) -> bool:
+    return not any(hf_moe_layers(cfg))
+
+
+def _intermediate(v: dict):
+    """HF's intermediate_size: Mixtral's is the expert width, the other families' the dense MLP's."""
+    if v["mc"].get("model_type") == "mixtral":
+        return _moe("expert_intermediate_size")(v)
+    return v["model"].get("dense_intermediate_size") or v["model"].get("intermediate_size")
+
+
+def _dense_mlp_unused(cfg: dict) -> bool:
+    """Qwen-MoE's dense MLP width matters only where some layer is dense."""
+    return "moe_intermediate_size" in cfg and all(hf_moe_layers(cfg)) and bool(hf_moe_layers(cfg))
+
+
 VLLM_RULES: dict[str, Rule] = {
     "vocab_size": _rule("vocab_size", _field("vocab_size"), _mc("vocab_size")),
     "hidden_size": _rule("hidden_size", _field("hidden_size"), _mc("hidden_size")),
-    "intermediate_size": _rule("intermediate_size", _field("intermediate_size"), _model("intermediate_size")),
+    "intermediate_size": _rule("intermediate_size", _field("intermediate_size"), _intermediate,
+                               inactive=_dense_mlp_unused),
     "num_hidden_layers": _rule("num_hidden_layers", _field("num_hidden_layers"), _model("num_layers")),
     "num_attention_heads": _rule("num_attention_heads", _field("num_attention_heads"), _mc("num_attention_heads")),
     "num_key_value_heads": _rule("num_key_value_heads",
@@ -96,12 +120,33 @@ VLLM_RULES: dict[str, Rule] = {
     "layer_types": _rule("layer_types", _field("layer_types"), _kinds,
                          inactive=lambda cfg: _SLIDING_OFF(cfg) and set(cfg.get("layer_types") or [])
                          <= {"full_attention", "sliding_attention"}),
+    "qkv_bias": _rule("qkv_bias", _field("qkv_bias"), _model("qkv_bias")),
+    # MoE: read off the engine's fused-MoE runners (router and routed experts) of every sparse layer
+    "num_experts": _rule("num_experts", _field("num_experts"), _moe("experts"), inactive=_dense),
+    "num_local_experts": _rule("num_local_experts", _field("num_local_experts"), _moe("experts"), inactive=_dense),
+    "num_experts_per_tok": _rule("num_experts_per_tok", _field("num_experts_per_tok"), _moe("top_k"),
+                                 inactive=_dense),
+    "norm_topk_prob": _rule("norm_topk_prob", lambda cfg: bool(cfg["norm_topk_prob"]), _moe("renormalize"),
+                            inactive=_dense),
+    "moe_intermediate_size": _rule("moe_intermediate_size", _field("moe_intermediate_size"),
+                                   _moe("expert_intermediate_size"), inactive=_dense),
+    "shared_expert_intermediate_size": _rule("shared_expert_intermediate_size",
+                                             _field("shared_expert_intermediate_size"),
+                                             _moe("shared_intermediate_size"), inactive=_dense),
+    # which layers are sparse (HF: (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers)
+    "decoder_sparse_step": _rule("decoder_sparse_step", hf_moe_layers, _moe("layers"), inactive=_dense),
+    "mlp_only_layers": _rule("mlp_only_layers", hf_moe_layers, _moe("layers"), inactive=_dense),
     "pretraining_tp": _rule("pretraining_tp", _field("pretraining_tp"), lambda v: 1,
                             inactive=lambda cfg: cfg.get("pretraining_tp", 1) == 1),
 }
 
 
-engine_config.ENGINES["vllm"] = (VLLM_RULES, ENGINE_IGNORED)
+# training-only MoE keys: inference never computes the load-balancing loss or jitters the router
+VLLM_IGNORED = {**ENGINE_IGNORED,
+                "router_aux_loss_coef": "the load-balancing aux loss is a training term; inference never computes it",
+                "output_router_logits": "returns router logits for the aux loss (training); no effect on the math",
+                "router_jitter_noise": "router jitter applies in training only (HF: `if self.training`)"}
+engine_config.ENGINES["vllm"] = (VLLM_RULES, VLLM_IGNORED)
 
 
 def measure(hf_config: dict, view: dict[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,13 @@ def name_pattern(name: str) -> re.Pattern:
     return re.compile("^" + re.escape(name).replace(re.escape("{}"), "(.*?)") + "$")
 
 
+@functools.lru_cache(maxsize=None)
+def roll_pattern(name: str) -> re.Pattern:
+    """How ROLL's get_conver_op / is_required_name match a "{}" name: re.match, i.e. a prefix match (text
+    after the pattern is allowed), "{}" capturing greedily as its _name_to_pattern does."""
+    return re.compile(re.escape(name).replace(re.escape("{}"), "(.*)"))
+
+
 @dataclass
 class ConverOp:
     hf_names: Any
@@ -55,8 +62,8 @@ class ConverOp:
         self._mca_config = value
 
     def is_required_name(self, name: str, mca_name: bool) -> bool:
-        names = self.mca_names if mca_name else self.hf_names
-        return any(name_pattern(n).match(name) for n in names)
+        names = self.mca_names if mca_name else self.hf_names  # ROLL: the exact name, else a "{}" pattern
+        return name in names or any(roll_pattern(n).match(name) for n in names if "{}" in n)
 
     def describe(self) -> str:
         return f"{type(self).__name__}({self.hf_names} <-> {self.mca_names})"
@@ -203,3 +210,50 @@ class QKVConverOp(ConverOp):
 @dataclass
 class QKVBiasConverOp(QKVConverOp):
     """The same per-group interleave for the 1-D q/k/v biases."""
+
+
+@dataclass
+class GatedQKVConverOp(QKVConverOp):
+    """Gated attention (Qwen3-Next/Qwen3.5): each head's q_proj rows are [q_h; gate_h] (2 x head_dim).
+
+    Megatron's linear_qkv holds, per KV group g: the group's q heads, then their gates, then k_g, v_g
+    (ROLL's layout), so a TP rank's whole groups keep their gates.
+    """
+
+    def _hf_to_mca(self, weights):
+        q, k, v = weights
+        heads, groups, head_dim = _attention_shape(self.mca_config)
+        trailing = q.shape[1:]
+        q_and_gate = q.reshape(groups, heads // groups, 2, head_dim, *trailing)
+        fused = torch.cat([q_and_gate[:, :, 0], q_and_gate[:, :, 1],
+                           k.reshape(groups, 1, head_dim, *trailing), v.reshape(groups, 1, head_dim, *trailing)], dim=1)
+        return fused.reshape(-1, *trailing)
+
+    def _mca_to_hf(self, weights):
+        (fused,) = weights
+        heads, groups, head_dim = _attention_shape(self.mca_config)
+        per_group, trailing = heads // groups, fused.shape[1:]
+        q, gate, k, v = torch.split(fused.reshape(groups, 2 * per_group + 2, head_dim, *trailing),
+                                    [per_group, per_group, 1, 1], dim=1)
+        q_and_gate = torch.stack([q, gate], dim=2)  # [groups, per_group, 2, head_dim, ...]
+        return [q_and_gate.reshape(-1, *trailing), k.reshape(-1, *trailing), v.reshape(-1, *trailing)]
+
+
+@dataclass
+class ZeroCenteredRMSNormConverOp(ConverOp):
+    """An RMSNorm Megatron keeps zero-centered (it applies 1 + w) and HF keeps as w: Megatron = HF - 1.
+
+    Exact both ways for HF weights in [0.5, 2] (Sterbenz: w - 1 is representable there), where trained
+    norm gains live; a weight far outside that range loses low bits, which the round trip names.
+    """
+
+    def __post_init__(self):
+        super().__post_init__()
+        if len(self.hf_names) != 1 or len(self.mca_names) != 1:
+            raise ValueError(f"{type(self).__name__} takes exactly one name per side: {self.hf_names} {self.mca_names}")
+
+    def _hf_to_mca(self, weights):
+        return weights[0] - 1
+
+    def _mca_to_hf(self, weights):
+        return weights[0] + 1

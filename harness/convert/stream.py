@@ -504,8 +504,8 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 # ---------------------------------------------------------------- HF -> Megatron-core
-def _shard_one(name: str, tensor: torch.Tensor, layout: dist.Layout) -> Iterator[tuple[tuple[int, int], str, torch.Tensor]]:
-    """dist.shard of a single tensor: ((pp, tp), local name, piece) for every file it lands in."""
+def _shard_one(name: str, tensor: torch.Tensor, layout: dist.Layout) -> Iterator[tuple[tuple[int, int, int], str, torch.Tensor]]:
+    """dist.shard of a single tensor: ((pp, tp, ep), local name, piece) for every file it lands in."""
     for key, part in dist.shard({name: tensor}, layout).items():
         for local, piece in part.items():
             yield key, local, piece
@@ -530,17 +530,17 @@ def _first_problem(report, locate: dict[str, Path], fallback: Path) -> ConvertEr
 
 
 def _write_shards(outputs: dict[str, torch.Tensor], layout: dist.Layout,
-                  writers: dict[tuple[int, int], StreamWriter], reader: SourceReader) -> None:
+                  writers: dict[tuple[int, int, int], StreamWriter], reader: SourceReader) -> None:
     """Shards converted tensors and writes every piece (a function, so that nothing outlives the call)."""
     for mca_name, tensor in outputs.items():
         for key, local, piece in _shard_one(mca_name, tensor, layout):
             writers[key].write(local, piece, reader.origin(piece))
 
 
-def hf_to_shard_files(in_dir: Path, template, view: McaConfigView, tp: int, pp: int, out_dir: Path):
+def hf_to_shard_files(in_dir: Path, template, view: McaConfigView, tp: int, pp: int, out_dir: Path, ep: int = 1):
     """The Megatron backend's conversion: an HF checkpoint (its index's shards, else every *.safetensors)
-    to out_dir/pp{p}_tp{t}.safetensors, tensor by tensor as to_mcore streams (the same files
-    dist.shard + save_file give). Unlike to_mcore it does not stop at conversion problems: the checks
+    to out_dir/{dist.rank_tag}.safetensors for every (pp, tp, ep), tensor by tensor as to_mcore streams
+    (the same files dist.shard + save_file give), sharded as the template's dist config declares. Unlike to_mcore it does not stop at conversion problems: the checks
     judge them from the report. Returns (planned Megatron tensors by name, on meta: names, shapes and
     dtypes only; the report; the layout). Bad input is a ConvertError."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
@@ -562,14 +562,16 @@ def hf_to_shard_files(in_dir: Path, template, view: McaConfigView, tp: int, pp: 
                         planned[mca_name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
         finally:
             reader.close()
-    layout = dist.layout_for(view, converter.finish(), tp, pp)
-    outputs: dict[tuple[int, int], dict[str, tuple[str, tuple[int, ...]]]] = {
-        (p, t): {} for p in range(pp) for t in range(tp)}
-    with MetaPlanning():
-        for mca_name, meta in planned.items():
-            for key, local, piece in _shard_one(mca_name, meta, layout):
-                outputs[key][local] = (SAFETENSORS_DTYPES[piece.dtype], tuple(piece.shape))
-    writers = {key: StreamWriter(out_dir / f"pp{key[0]}_tp{key[1]}.safetensors", entries)
+    layout = dist.layout_for(view, converter.finish(), tp, pp, ep, template.dist_config)
+    outputs: dict[tuple[int, int, int], dict[str, tuple[str, tuple[int, ...]]]] = {key: {} for key in layout.keys()}
+    try:
+        with MetaPlanning():
+            for mca_name, meta in planned.items():
+                for key, local, piece in _shard_one(mca_name, meta, layout):
+                    outputs[key][local] = (SAFETENSORS_DTYPES[piece.dtype], tuple(piece.shape))
+    except ValueError as exc:  # an undeclared tensor, a size that does not split: named, one line
+        raise ConvertError(in_dir, f"cannot shard for tp {tp} pp {pp} ep {ep}: {exc}") from None
+    writers = {key: StreamWriter(out_dir / f"{layout.tag(key)}.safetensors", entries)
                for key, entries in outputs.items()}
     converter = template.converter(view, to_mca=True)
     reader = SourceReader([f.path for f in files])
@@ -617,9 +619,9 @@ def to_mcore(in_dir: Path, out_dir: Path, tp: int = 1, pp: int = 1, template_nam
     if report.problems():
         raise _first_problem(report, locate, config_path)
     tied = bool(view.get("tie_embeddings_and_output_weights"))
-    layout = dist.Layout(tp, pp, num_layers, tied, dist.stacked_suffixes(report.stacked))
-    outputs: dict[tuple[int, int], dict[str, tuple[str, tuple[int, ...]]]] = {
-        (p, t): {} for p in range(pp) for t in range(tp)}
+    layout = dist.Layout(tp, pp, num_layers, tied, dist.stacked_suffixes(report.stacked),
+                         dist_config=template.dist_config)
+    outputs: dict[tuple[int, int, int], dict[str, tuple[str, tuple[int, ...]]]] = {key: {} for key in layout.keys()}
     for mca_name, meta in planned.items():
         try:
             with MetaPlanning():
@@ -629,17 +631,17 @@ def to_mcore(in_dir: Path, out_dir: Path, tp: int = 1, pp: int = 1, template_nam
         for key, local, piece in pieces:
             if local in outputs[key]:
                 raise ConvertError(locate.get(mca_name, config_path),
-                                   f"two tensors land on {local} in pp{key[0]}_tp{key[1]}")
+                                   f"two tensors land on {local} in {layout.tag(key)}")
             outputs[key][local] = (SAFETENSORS_DTYPES[piece.dtype], tuple(piece.shape))
     suffixes = _te_suffixes(planned)
     del planned
 
     # pass 2: stream real tensors
     out = OutputDir(out_dir)
-    writers: dict[tuple[int, int], StreamWriter] = {}
+    writers: dict[tuple[int, int, int], StreamWriter] = {}
     try:
         for key, entries in outputs.items():
-            file_name = f"pp{key[0]}_tp{key[1]}.safetensors"
+            file_name = f"{layout.tag(key)}.safetensors"
             writers[key] = StreamWriter(out.path(file_name), entries, label=out_dir / file_name)
         converter = template.converter(view, to_mca=True)
         reader = SourceReader([f.path for f in files])
@@ -660,7 +662,7 @@ def to_mcore(in_dir: Path, out_dir: Path, tp: int = 1, pp: int = 1, template_nam
             "template": name,
             "plugins": [str(Path(p).resolve()) if p.endswith(".py") or "/" in p else p for p in plugins],
             "mca_name_suffixes": suffixes,
-            "files": sorted(f"pp{p}_tp{t}.safetensors" for p, t in outputs),
+            "files": sorted(f"{layout.tag(key)}.safetensors" for key in outputs),
             "hf_metadata": files[0].metadata,
             "hf_config": raw_config,
         })
@@ -678,12 +680,9 @@ def to_mcore(in_dir: Path, out_dir: Path, tp: int = 1, pp: int = 1, template_nam
 def _gather_one(stage: int, local: str, pieces: list[torch.Tensor], layout: dist.Layout) -> dict[str, torch.Tensor]:
     """dist.gather of one tensor: {whole name: tensor}, or {} for Megatron's copy of a tied embedding.
 
-    Meta tensors cannot be compared, so a duplicated (unsplit) one is planned from tp rank 0 alone.
+    dist.gather skips comparing meta (planning) copies of a duplicated tensor.
     """
-    if pieces[0].is_meta and dist.split_dim(local) is None and layout.tp > 1:
-        layout = dist.Layout(1, layout.pp, layout.num_layers, layout.tied, layout.stacked)
-        pieces = pieces[:1]
-    shards = {(p, t): ({local: pieces[t]} if p == stage else {}) for p in range(layout.pp) for t in range(layout.tp)}
+    shards = {(p, t, 0): ({local: pieces[t]} if p == stage else {}) for p in range(layout.pp) for t in range(layout.tp)}
     return dist.gather(shards, layout)
 
 
@@ -718,6 +717,7 @@ def to_hf(in_dir: Path, out_dir: Path, template_name: str | None = None, plugins
     except ConvertError as exc:
         hint = f" (it was converted with --plugin {' --plugin '.join(info['plugins'])})" if info.get("plugins") else ""
         raise ConvertError(exc.path, exc.message + hint) from None
+    layout.dist_config = template.dist_config
     files: dict[tuple[int, int], SafetensorsFile] = {}
     for p in range(layout.pp):
         for t in range(layout.tp):

@@ -468,6 +468,7 @@ def page_context(cert: dict[str, Any]) -> dict[str, Any]:
         "spec_sha256": str(cert.get("spec_sha256") or ""),
         "spec_path": str(cert.get("spec_path") or ""),
         "calibration": cert.get("calibration") if isinstance(cert.get("calibration"), dict) else None,
+        "resources": _resources(cert.get("resources")),
         "certificate_version": cert.get("certificate_version", ""),
         "versions": sorted((str(k), str(v)) for k, v in versions.items()),
         "counts": _counts(checks),
@@ -477,6 +478,18 @@ def page_context(cert: dict[str, Any]) -> dict[str, Any]:
         "matrix": _matrix(views),
         "suites": suites,
     }
+
+
+def _resources(resources: Any) -> dict[str, Any] | None:
+    """Rows of per-worker wall time and peak RSS (GiB), and the judged bound, for the facts list."""
+    if not isinstance(resources, dict) or not isinstance(resources.get("workers"), dict):
+        return None
+    gib = float(1 << 30)
+    rows = [{"name": str(name), "wall_s": f"{r.get('wall_s', 0):.1f}",
+             "peak": f"{r.get('peak_rss_bytes', 0) / gib:.2f}", "largest": f"{r.get('largest_process_rss_bytes', 0) / gib:.2f}"}
+            for name, r in resources["workers"].items() if isinstance(r, dict)]
+    bound = resources.get("bound") if isinstance(resources.get("bound"), dict) else None
+    return {"rows": rows, "bound": bound}
 
 
 def render_model_page(cert: dict[str, Any]) -> str:

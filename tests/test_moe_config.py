@@ -1,0 +1,246 @@
+"""MoE config semantics and conversion (Mixtral, Qwen2-MoE, Qwen3-MoE), in-process and quick.
+
+The built-in templates and ROLL's own (tests/data/roll_<family>_template.py, imports changed only) are judged on
+the MoE specs' reference checkpoints by the Megatron backend's own config and round-trip operations (the
+TransformerConfig megatron-core really builds); the planted bugs of tests/data/moe_bugs.py must fail naming the
+key or tensor they break. The tiny references must also route: every expert chosen, no tied top-k.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fixtures.tiny_models import materialize
+from harness.checks import config_parsing
+from harness.checks.roundtrip import judge_bit_exact, judge_consumption
+from harness.convert import templates
+from harness.convert.refit import load_hf_state
+
+from .conftest import REPO
+
+DATA = Path(__file__).resolve().parent / "data"
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="megatron-core not installed")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def _reference(family: str, **overrides) -> Path:
+    spec = yaml.safe_load((REPO / "model_specs" / f"{family}.yaml").read_text())
+    config = {**spec["reference"]["config"], **overrides}
+    return materialize(spec["hf_model_type"], config, spec["reference"].get("seed", 0), "float32")
+
+
+@pytest.fixture(scope="module")
+def megatron():
+    from harness.backends.megatron import MegatronBackend
+
+    import harness.templates.mixtral  # noqa: F401 - registers the built-in templates
+    import harness.templates.qwen2_moe  # noqa: F401
+    import harness.templates.qwen3_moe  # noqa: F401
+    import tests.data.moe_bugs  # noqa: F401 - registers the planted bugs
+
+    return MegatronBackend()
+
+
+@pytest.fixture(scope="module")
+def roll_templates():
+    """ROLL's templates register under the family names: load each, keep it, and put the built-in one back."""
+    import harness.templates.mixtral  # noqa: F401
+    import harness.templates.qwen2_moe  # noqa: F401
+    import harness.templates.qwen3_moe  # noqa: F401
+
+    loaded = {}
+    for family in FAMILIES:
+        builtin = templates[family]
+        spec = importlib.util.spec_from_file_location(f"roll_{family}_template", DATA / f"roll_{family}_template.py")
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        loaded[family] = templates[family]
+        templates[f"roll-{family}"] = templates[family]
+        templates[family] = builtin
+    return loaded
+
+
+def _config(megatron, family: str, template: str, **overrides):
+    measurement = megatron.op_config(str(_reference(family, **overrides)), template)
+    return config_parsing.judge(measurement, {}, family), measurement["keys"]
+
+
+def _roundtrip(megatron, family: str, template: str, **overrides):
+    from harness.checks.roundtrip import measure_roundtrip
+
+    directory = str(_reference(family, **overrides))
+    _, template_obj, _, _, view = megatron._template_and_view(directory, template)
+    m = measure_roundtrip(load_hf_state(directory), template_obj, view)
+    return judge_consumption(m), judge_bit_exact(m, {"roundtrip_max_abs_diff": 0.0}), m
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_builtin_moe_template_passes_config_and_roundtrip(megatron, family):
+    verdict, keys = _config(megatron, family, family)
+    assert verdict.status == "passed", verdict.reason
+    experts = keys.get("num_experts", keys.get("num_local_experts"))
+    assert experts["state"] == "mapped"
+    consumption, exact, m = _roundtrip(megatron, family, family)
+    assert consumption.status == "passed", consumption.reason
+    assert exact.status == "passed" and m["comparison"]["max_abs_diff"] == 0.0, exact.reason
+    experts_n = (experts["hf"] if isinstance(experts["hf"], int) else experts["hf"]["experts"])
+    fc1 = [n for n in m["mca_shapes"] if ".mlp.experts.local_experts." in n and n.endswith("linear_fc1.weight")]
+    sparse = sum(keys["decoder_sparse_step"]["hf"]) if "decoder_sparse_step" in keys else 2
+    assert len(fc1) == experts_n * sparse  # one stacked [gate; up] per expert per sparse layer
+
+
+def test_semantic_rows_name_what_megatron_builds(megatron):
+    _, keys = _config(megatron, "qwen3_moe", "qwen3_moe")
+    # HF sparse layers are (i + 1) % step == 0: layer 1 of 2; the dense layer 0 keeps intermediate_size
+    assert keys["decoder_sparse_step"]["backend"] == [0, 1]
+    assert keys["intermediate_size"]["backend"] == [256, "sparse"]
+    assert keys["norm_topk_prob"]["backend"].startswith("softmax over the top-k")
+    _, keys = _config(megatron, "qwen2_moe", "qwen2_moe")
+    assert keys["shared_expert_intermediate_size"]["backend"] == {"size": 128, "gate": "sigmoid"}
+    assert keys["norm_topk_prob"]["backend"] == "softmax over all experts, top-k values kept"
+    assert keys["intermediate_size"]["state"] == "inactive"  # every layer sparse: the dense width is unused
+    _, keys = _config(megatron, "mixtral", "mixtral")
+    assert keys["output_router_logits"]["state"] == "ignored"
+    assert keys["router_jitter_noise"]["state"] == "inactive"
+
+
+def test_active_router_jitter_is_never_matched(megatron):
+    # Mixtral jitters the router's AND experts' input in training; megatron-core's jitter only the router's
+    verdict, keys = _config(megatron, "mixtral", "mixtral", router_jitter_noise=0.01)
+    assert verdict.status == "failed" and "router_jitter_noise" in verdict.reason
+
+
+# ---------------------------------------------------------------- planted bugs
+
+
+def test_flipped_pre_softmax_fails_config(megatron):
+    verdict, keys = _config(megatron, "mixtral", "mixtral-pre-softmax-flipped")
+    assert verdict.status == "failed"
+    assert "num_experts_per_tok" in verdict.reason and "softmax over all experts" in verdict.reason
+    assert [k for k, r in keys.items() if r["state"] in ("mismatch", "unmapped")] == ["num_experts_per_tok"]
+
+
+def test_unmapped_norm_topk_prob_fails_config_naming_it(megatron):
+    verdict, keys = _config(megatron, "qwen2_moe", "qwen2_moe-norm-topk-unmapped")
+    assert verdict.status == "failed" and "norm_topk_prob" in verdict.reason
+    assert [k for k, r in keys.items() if r["state"] in ("mismatch", "unmapped")] == ["norm_topk_prob"]
+
+
+def test_dropped_shared_expert_gate_fails_config_and_roundtrip(megatron):
+    verdict, keys = _config(megatron, "qwen2_moe", "qwen2_moe-shared-gate-dropped")
+    assert verdict.status == "failed" and "shared_expert_intermediate_size" in verdict.reason
+    assert keys["shared_expert_intermediate_size"]["backend"]["gate"] is None
+    consumption, _, _ = _roundtrip(megatron, "qwen2_moe", "qwen2_moe-shared-gate-dropped")
+    assert consumption.status == "failed" and "mlp.shared_expert_gate.weight" in consumption.reason
+
+
+def test_experts_written_over_one_tensor_fail_conversion(megatron):
+    consumption, _, m = _roundtrip(megatron, "mixtral", "mixtral-experts-fused")
+    assert consumption.status == "failed"
+    assert "decoder.layers.0.mlp.experts.linear_fc1.weight: produced more than once" in consumption.reason
+
+
+# ---------------------------------------------------------------- ROLL's own MoE templates
+
+
+def test_roll_mixtral_passes_config_and_roundtrip(megatron, roll_templates):
+    verdict, keys = _config(megatron, "mixtral", "roll-mixtral")
+    assert verdict.status == "passed", verdict.reason
+    consumption, exact, _ = _roundtrip(megatron, "mixtral", "roll-mixtral")
+    assert consumption.status == "passed" and exact.status == "passed", consumption.reason + exact.reason
+
+
+def test_roll_qwen3_moe_passes_on_an_all_sparse_config(megatron, roll_templates):
+    # every released Qwen3-MoE: decoder_sparse_step 1, no mlp_only_layers
+    verdict, _ = _config(megatron, "qwen3_moe", "roll-qwen3_moe", decoder_sparse_step=1)
+    assert verdict.status == "passed", verdict.reason
+    consumption, exact, _ = _roundtrip(megatron, "qwen3_moe", "roll-qwen3_moe", decoder_sparse_step=1)
+    assert consumption.status == "passed" and exact.status == "passed", consumption.reason + exact.reason
+
+
+def test_roll_qwen3_moe_renames_decoder_sparse_step_off_by_one(megatron, roll_templates):
+    # ROLL maps decoder_sparse_step -> moe_layer_freq: HF makes layer 1 sparse, megatron-core layer 0
+    verdict, keys = _config(megatron, "qwen3_moe", "roll-qwen3_moe")
+    assert verdict.status == "failed"
+    assert "decoder_sparse_step: hf=[0, 1] but backend=[1, 0]" in verdict.reason
+
+
+def test_roll_qwen2_moe_loses_the_shared_expert_gate_on_megatron_core_016(megatron, roll_templates):
+    # ROLL sets McaModelConfig's moe_use_shared_expert_gate; megatron-core 0.16 reads moe_shared_expert_gate
+    verdict, keys = _config(megatron, "qwen2_moe", "roll-qwen2_moe")
+    assert verdict.status == "failed"
+    assert "template sets 'moe_use_shared_expert_gate', which the backend does not read" in verdict.reason
+    assert keys["shared_expert_intermediate_size"]["state"] == "mismatch"
+    consumption, exact, _ = _roundtrip(megatron, "qwen2_moe", "roll-qwen2_moe")  # the weights themselves convert
+    assert consumption.status == "passed" and exact.status == "passed", consumption.reason + exact.reason
+
+
+# ---------------------------------------------------------------- the references route
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_reference_routing_is_spread_and_untied(family):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(_reference(family), dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids, output_router_logits=True).router_logits
+    experts, k = logits[0].shape[-1], model.config.num_experts_per_tok
+    assert logits, "no router logits"
+    for layer in logits:
+        top = layer.topk(k + 1, dim=-1).values
+        assert float((top[:, k - 1] - top[:, k]).min()) > 1e-4  # the k-th and (k+1)-th never tie
+        counts = torch.bincount(layer.topk(k, dim=-1).indices.reshape(-1), minlength=experts)
+        # every expert takes a share of the 128 x k assignments: at least a fifth of a uniform one (measured:
+        # the least-chosen expert gets 0.25 x (qwen3_moe) to 0.77 x a uniform share; top-k gaps >= 7e-4)
+        assert float(counts.min()) >= 0.2 * float(counts.sum()) / experts, counts.tolist()
+
+
+# ---------------------------------------------------------------- the reference's aux-loss objective
+
+
+def test_reference_aux_loss_is_megatron_cores_definition():
+    import torch
+    from megatron.core.transformer.moe.moe_utils import (compute_routing_scores_for_aux_loss,
+                                                         switch_load_balancing_loss_func)
+
+    from harness.train_step import switch_aux_losses
+
+    logits = torch.randn(2 * 24, 8, generator=torch.Generator().manual_seed(0))
+    valid = torch.ones(2, 24, dtype=torch.bool)
+    valid[1, 15:] = False  # a right-padded second row
+    for mask in (None, valid):
+        padding = None if mask is None else ~mask.reshape(-1)
+        routing_map, scores = compute_routing_scores_for_aux_loss(logits, 2, "softmax", padding_mask=padding)
+        total = logits.shape[0] if mask is None else int(mask.sum())
+        expected = switch_load_balancing_loss_func(scores, routing_map.sum(0), total, 2, 8, 1.0)
+        ours = switch_aux_losses([logits], 2, mask)[0]
+        assert torch.allclose(ours, expected, rtol=1e-6, atol=0), (float(ours), float(expected))
+
+
+def test_reference_step_adds_the_aux_terms_when_the_coefficient_is_set():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from harness.train_step import loss_sum_and_count, make_batch, reference_step
+
+    model = AutoModelForCausalLM.from_pretrained(_reference("mixtral"), dtype=torch.float32)
+    batch = make_batch([list(range(3, 19)), list(range(40, 50))])
+    with torch.no_grad():
+        ce_sum, count = loss_sum_and_count(model(input_ids=batch["input_ids"],
+                                                 attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    assert "aux_losses" not in reference_step(model, batch, steps=1)  # the spec's coefficient 0: CE alone
+    model = AutoModelForCausalLM.from_pretrained(_reference("mixtral"), dtype=torch.float32)
+    model.config.router_aux_loss_coef = 0.05
+    result = reference_step(model, batch, steps=1)
+    assert sorted(result["aux_losses"]) == ["layers.0", "layers.1"]
+    assert all(v >= 1.0 for v in result["aux_losses"].values())  # the balanced minimum is 1
+    expected = float(ce_sum) / count + 0.05 * sum(result["aux_losses"].values())
+    assert abs(result["losses"][0] - expected) < 1e-5
+    # grads and weights by checkpoint name: per expert, as save_pretrained writes them
+    assert "model.layers.0.block_sparse_moe.experts.7.w1.weight" in result["grads"]
+    assert not any("gate_up_proj" in name for name in result["weights"])
