@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                               "hf: back to config.json + model.safetensors")
     convert.add_argument("--tp", type=int, default=None, help="tensor-parallel size (--to mcore; default 1)")
     convert.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (--to mcore; default 1)")
+    convert.add_argument("--ep", type=int, default=None, help="expert-parallel size (--to mcore, MoE; default 1): "
+                                                             "files pp{p}_tp{t}_ep{e}.safetensors")
     convert.add_argument("--template", default=None, help="converter template (default: the config's model_type)")
     convert.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
                          help="import this plugin first (e.g. one that registers a template); repeatable")

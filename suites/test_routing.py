@@ -14,17 +14,22 @@ from harness.plugin import conclude
 SUITE = "routing"
 
 
-def reference(certify, model: str, dtype: str, prompts: dict) -> str:
+NOISE_ATTENTION = (None, "eager")  # HF's default kernel first (it sets the near-tie gaps), then eager
+
+
+def reference(certify, model: str, dtype: str, prompts: dict, attention: str | None = None) -> str:
     """HF's routing of the fp32 reference checkpoint run in `dtype` (fp32 = truth, bf16 = noise), once."""
     ref_dir = certify.reference_dir(model, "float32")
-    out = certify.scratch(model) / f"hf-routing-{dtype}.safetensors"
-    return certify.call(model, "hf", "routing", dir=ref_dir, dtype=dtype, prompts=prompts, out_path=str(out))["path"]
+    out = certify.scratch(model) / f"hf-routing-{dtype}{'-' + attention if attention else ''}.safetensors"
+    extra = {"attention": attention} if attention else {}
+    return certify.call(model, "hf", "routing", dir=ref_dir, dtype=dtype, prompts=prompts, out_path=str(out),
+                        **extra)["path"]
 
 
 def _megatron(certify, check, spec, ref_dir: str, prompts: dict) -> tuple[list[str] | None, list[str]]:
     """The logits suite's Megatron run at this layout (memoised: the same call), and its routing files."""
     layout = next(lay for lay in spec.parallel if lay.id == check.layout)
-    extra = {"tp": layout.tp, "pp": layout.pp, **({"ep": layout.ep} if getattr(layout, "ep", 1) != 1 else {})}
+    extra = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep}  # exactly suites/test_logits.py's call
     out_dir = str(certify.scratch(check.model) / f"{check.backend}-{check.variant}{check.layout}")
     run = certify.call(check.model, check.backend, "logprobs", dir=ref_dir, dtypes=certify.selected_dtypes(check.model),
                        prompts=prompts, out_dir=out_dir, **extra)
@@ -49,7 +54,8 @@ def test_routing(check, certify, request):
             paths, problems = _vllm(certify, check, ref_dir, prompts)
         else:
             paths, problems = _megatron(certify, check, spec, ref_dir, prompts)
-        noise = reference(certify, check.model, check.dtype, prompts) if check.dtype != "float32" else None
+        noise = [reference(certify, check.model, check.dtype, prompts, attention) for attention in NOISE_ATTENTION] \
+            if check.dtype != "float32" else None
         where = " ".join(p for p in (check.layout, check.dtype) if p)
         box["verdict"] = routing.evaluate(reference(certify, check.model, "float32", prompts), paths, prompts,
                                           check.dtype, spec.tolerances, where, problems, noise)

@@ -40,6 +40,8 @@ def _run_backend(certify, check) -> dict:
 def _judge(certify, check, result):
     if result.get("load_problems"):  # the converter produced shards megatron-core cannot load
         return from_problems(result["load_problems"], {}, {}, what="converted shards that do not load")
+    if result.get("gather_problems"):  # the ranks' gradients/weights do not gather back into one model
+        return from_problems(result["gather_problems"], {}, {}, what="rank results that do not gather back")
     # An optimizer that warms Adam up with zero-gradient steps is emulated in the reference, and said so.
     warmup = int(result.get("optimizer_warmup_steps", 0))
     # bf16: HF's emulation of the trainers' recipe (fp32 master weights, bf16 compute); the same recipe

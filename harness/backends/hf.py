@@ -118,12 +118,15 @@ class HFBackend(Backend):
         return {"path": out_path, "points": len(store), "num_layers": int(model.config.num_hidden_layers)}
 
     def op_routing(self, dir: str, dtype: str, prompts: dict[str, list[list[int]]],  # noqa: A002
-                   out_path: str) -> dict[str, Any]:
+                   out_path: str, attention: str | None = None) -> dict[str, Any]:
         """The reference routing file (harness/checks/routing.py): per prompt set, every MoE layer's router
-        logits and chosen experts over the right-padded batch every backend gets."""
+        logits and chosen experts over the right-padded batch every backend gets (`attention`: another of
+        HF's attention kernels than its default, for the bf16 noise floor)."""
         from ..capture import routing_file
 
         model = self._compute_model(dir, dtype)
+        if attention:
+            model.set_attn_implementation(attention)
         model.eval()
         return routing_file(model, prompts, out_path, self._on_device)
 

@@ -352,12 +352,14 @@ def _moe_layers(tc) -> list[int]:
 
 
 def _aux_losses(r: Rank, tc) -> dict:
-    """The step's load-balancing loss per MoE layer from megatron-core's tracker, reduced as Megatron-LM logs
-    it (reduce_aux_losses_tracker_across_ranks: summed over stages and over the TP/sequence shards a router
-    saw, averaged over data-parallel ranks) and averaged over the micro-batches, times the coefficient: the
-    term each micro-batch adds to its objective, coeff * switch_load_balancing_loss over that micro-batch's
-    tokens (padding positions included), as the mean over MICROBATCHES micro-batches. Clears the tracker.
-    A coefficient of 0 computes none: {}."""
+    """The step's load-balancing loss per MoE layer from megatron-core's tracker, as Megatron-LM logs it
+    (reduce_aux_losses_tracker_across_ranks: summed over stages and over the TP/sequence shards a router saw,
+    averaged over data-parallel ranks; then times 1/num_microbatches): the mean over the MICROBATCHES
+    micro-batches of switch_load_balancing_loss on that micro-batch's tokens, padding positions included,
+    BEFORE the coefficient (the tracker stores aux_loss / coeff). Clears the tracker. A coefficient of 0
+    computes none: {}. The objective megatron-core differentiates adds, per micro-batch, coeff * that loss,
+    scaled by the micro-batch's token count (padding included) over the batch's label tokens
+    (calculate_per_token_loss); the reported train losses are the cross-entropy alone ("lm loss")."""
     from megatron.core.transformer.moe import moe_utils
 
     from ..train_step import MICROBATCHES
@@ -372,11 +374,9 @@ def _aux_losses(r: Rank, tc) -> dict:
             "values": r.torch.zeros(tc.num_layers, device=r.device), "avg_group": None, "reduce_group_has_dp": False,
             "reduce_group": r.ps.get_tensor_and_context_parallel_group()}
     moe_utils.reduce_aux_losses_tracker_across_ranks(["load_balancing_loss"])
-    coeff = tc.moe_aux_loss_coeff
-    values = tracker["load_balancing_loss"]["values"].float().cpu()
+    values = tracker["load_balancing_loss"]["values"].detach().float().cpu().clone()  # cleared in place below
     moe_utils.clear_aux_losses_tracker()
-    return {f"layers.{i}": float(values[i]) * float(coeff[i] if isinstance(coeff, list) else coeff) / MICROBATCHES
-            for i in _moe_layers(tc)}
+    return {f"layers.{i}": float(values[i]) / MICROBATCHES for i in _moe_layers(tc)}
 
 
 def _train(r: Rank, shard) -> None:

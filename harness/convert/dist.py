@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .dist_config import DistParallelConfig, UndeclaredTensorError, default_dist_config
+from .dist_config import MCORE_WORD_EMBEDDING, DistParallelConfig, UndeclaredTensorError, default_dist_config
 from .layer_spec import to_local
 
 LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)(\..*)$")
@@ -164,9 +164,9 @@ def stage_of(name: str, layout: Layout) -> list[tuple[int, str]]:
         index = int(m.group(1))
         stage = index // layout.per_stage
         return [(stage, f"decoder.layers.{index - stage * layout.per_stage}{m.group(2)}")]
-    if layout.dist_config.first_stage_only(local):
+    if local == MCORE_WORD_EMBEDDING or layout.dist_config.first_stage_only(local):  # megatron's pre_process
         out = [(0, local)]
-        if local == "embedding.word_embeddings.weight" and layout.tied and layout.pp > 1:
+        if local == MCORE_WORD_EMBEDDING and layout.tied and layout.pp > 1:
             out.append((layout.pp - 1, "output_layer.weight"))
         return out
     return [(layout.pp - 1, local)]  # final norm, output layer
@@ -216,7 +216,8 @@ def _differs(a: torch.Tensor, b: torch.Tensor) -> bool:
     return not (a.is_meta or b.is_meta) and not torch.equal(a, b)
 
 
-def gather(shards: dict[tuple[int, int, int], dict[str, torch.Tensor]], layout: Layout) -> dict[str, torch.Tensor]:
+def gather(shards: dict[tuple[int, int, int], dict[str, torch.Tensor]], layout: Layout,
+           complete_experts: bool = True) -> dict[str, torch.Tensor]:
     """Inverse of shard, from whichever rank files exist: local-spec names, layers renumbered globally, local
     expert ids renumbered to global. Checks every TP and EP rank is represented, duplicated tensors agree,
     no two EP ranks give the same expert and every expert arrives; a GatherError names what does not."""
@@ -241,7 +242,8 @@ def gather(shards: dict[tuple[int, int, int], dict[str, torch.Tensor]], layout: 
                 _gather_expert(name, held, layout, whole, expert_from, problems)
             else:
                 _gather_dense(name, held, layout, whole, problems)
-    problems += _missing_experts(expert_from, layout)
+    if complete_experts:
+        problems += _missing_experts(expert_from, layout)
     if problems:
         raise GatherError(problems)
     return whole

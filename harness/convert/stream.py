@@ -451,9 +451,12 @@ def hf_config_for(config_dir: Path, raw: dict[str, Any], template):
         raise ConvertError(config_dir / "config.json", f"transformers cannot read it: {type(exc).__name__}: {exc}") from None
 
 
-def check_parallel(view: McaConfigView, tp: int, pp: int, where: Path) -> int:
-    if tp < 1 or pp < 1:
-        raise ConvertError(where, f"--tp {tp} and --pp {pp} must be at least 1")
+def check_parallel(view: McaConfigView, tp: int, pp: int, where: Path, ep: int = 1) -> int:
+    if tp < 1 or pp < 1 or ep < 1:
+        raise ConvertError(where, f"--tp {tp}, --pp {pp} and --ep {ep} must be at least 1")
+    experts = view.get("num_moe_experts")
+    if ep > 1 and (not isinstance(experts, int) or experts % ep):
+        raise ConvertError(where, f"num_moe_experts {experts} is not divisible by --ep {ep}")
     num_layers = view.get("num_layers")
     if not isinstance(num_layers, int):
         raise ConvertError(where, f"the template gives no integer num_layers ({num_layers!r})")
@@ -590,7 +593,7 @@ def hf_to_shard_files(in_dir: Path, template, view: McaConfigView, tp: int, pp: 
 
 
 def to_mcore(in_dir: Path, out_dir: Path, tp: int = 1, pp: int = 1, template_name: str | None = None,
-             plugins: list[str] = ()) -> Path:
+             plugins: list[str] = (), ep: int = 1) -> Path:
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not in_dir.is_dir():
         raise ConvertError(in_dir, "not a directory")
@@ -601,7 +604,7 @@ def to_mcore(in_dir: Path, out_dir: Path, tp: int = 1, pp: int = 1, template_nam
     template = resolve_template(name, config_path)
     hf_config = hf_config_for(in_dir, raw_config, template)
     view = template.mca_config(hf_config)
-    num_layers = check_parallel(view, tp, pp, config_path)
+    num_layers = check_parallel(view, tp, pp, config_path, ep)
     files = hf_weight_files(in_dir)
     locate = {e.name: f.path for f in files for e in f.entries}
 
@@ -619,15 +622,14 @@ def to_mcore(in_dir: Path, out_dir: Path, tp: int = 1, pp: int = 1, template_nam
     if report.problems():
         raise _first_problem(report, locate, config_path)
     tied = bool(view.get("tie_embeddings_and_output_weights"))
-    layout = dist.Layout(tp, pp, num_layers, tied, dist.stacked_suffixes(report.stacked),
-                         dist_config=template.dist_config)
+    layout = dist.layout_for(view, report, tp, pp, ep, template.dist_config)
     outputs: dict[tuple[int, int, int], dict[str, tuple[str, tuple[int, ...]]]] = {key: {} for key in layout.keys()}
     for mca_name, meta in planned.items():
         try:
             with MetaPlanning():
                 pieces = list(_shard_one(mca_name, meta, layout))
         except ValueError as exc:
-            raise ConvertError(config_path, f"cannot shard for --tp {tp} --pp {pp}: {exc}") from None
+            raise ConvertError(config_path, f"cannot shard for --tp {tp} --pp {pp} --ep {ep}: {exc}") from None
         for key, local, piece in pieces:
             if local in outputs[key]:
                 raise ConvertError(locate.get(mca_name, config_path),
@@ -658,7 +660,8 @@ def to_mcore(in_dir: Path, out_dir: Path, tp: int = 1, pp: int = 1, template_nam
                 raise ConvertError(writer.label, f"never written: {', '.join(sorted(writer.missing))}")
         _write_json(out.path(LAYOUT_FILE), {
             "format": LAYOUT_FORMAT,
-            "tp": tp, "pp": pp, "num_layers": num_layers, "tied": tied, "stacked": layout.stacked,
+            "tp": tp, "pp": pp, "ep": ep, "num_experts": layout.num_experts, "num_layers": num_layers, "tied": tied,
+            "stacked": layout.stacked,
             "template": name,
             "plugins": [str(Path(p).resolve()) if p.endswith(".py") or "/" in p else p for p in plugins],
             "mca_name_suffixes": suffixes,
@@ -677,13 +680,16 @@ def to_mcore(in_dir: Path, out_dir: Path, tp: int = 1, pp: int = 1, template_nam
 
 
 # ---------------------------------------------------------------- Megatron-core -> HF
-def _gather_one(stage: int, local: str, pieces: list[torch.Tensor], layout: dist.Layout) -> dict[str, torch.Tensor]:
-    """dist.gather of one tensor: {whole name: tensor}, or {} for Megatron's copy of a tied embedding.
+def _gather_one(stage: int, local: str, pieces: dict[tuple[int, int], torch.Tensor],
+                layout: dist.Layout) -> dict[str, torch.Tensor]:
+    """dist.gather of one local tensor from its (tp, ep) pieces: {whole name: tensor} (an expert's local name gives
+    one global expert per EP rank), or {} for Megatron's copy of a tied embedding.
 
-    dist.gather skips comparing meta (planning) copies of a duplicated tensor.
+    dist.gather skips comparing meta (planning) copies of a duplicated tensor; a single name cannot hold every
+    expert, so the complete-experts check is left to the whole file set (every rank file exists, same names).
     """
-    shards = {(p, t, 0): ({local: pieces[t]} if p == stage else {}) for p in range(layout.pp) for t in range(layout.tp)}
-    return dist.gather(shards, layout)
+    shards = {key: ({local: pieces[key[1:]]} if key[0] == stage else {}) for key in layout.keys()}
+    return dist.gather(shards, layout, complete_experts=False)
 
 
 def _layout_from(info: dict[str, Any], path: Path) -> dist.Layout:
@@ -691,10 +697,14 @@ def _layout_from(info: dict[str, Any], path: Path) -> dist.Layout:
                       ("hf_config", dict)):
         if not isinstance(info.get(key), kind):
             raise ConvertError(path, f"{key} is missing or not a {kind.__name__}")
-    if info["tp"] < 1 or info["pp"] < 1:
-        raise ConvertError(path, f"tp {info['tp']} and pp {info['pp']} must be at least 1")
+    ep, experts = info.get("ep", 1), info.get("num_experts")  # absent: written before expert parallelism
+    if not isinstance(ep, int) or (experts is not None and not isinstance(experts, int)):
+        raise ConvertError(path, f"ep {ep!r} and num_experts {experts!r} must be integers")
+    if info["tp"] < 1 or info["pp"] < 1 or ep < 1:
+        raise ConvertError(path, f"tp {info['tp']}, pp {info['pp']} and ep {ep} must be at least 1")
     try:
-        return dist.Layout(info["tp"], info["pp"], info["num_layers"], info["tied"], dict(info["stacked"]))
+        return dist.Layout(info["tp"], info["pp"], info["num_layers"], info["tied"], dict(info["stacked"]), ep,
+                           experts)
     except ValueError as exc:
         raise ConvertError(path, str(exc)) from None
 
@@ -718,19 +728,20 @@ def to_hf(in_dir: Path, out_dir: Path, template_name: str | None = None, plugins
         hint = f" (it was converted with --plugin {' --plugin '.join(info['plugins'])})" if info.get("plugins") else ""
         raise ConvertError(exc.path, exc.message + hint) from None
     layout.dist_config = template.dist_config
-    files: dict[tuple[int, int], SafetensorsFile] = {}
-    for p in range(layout.pp):
-        for t in range(layout.tp):
-            path = in_dir / f"pp{p}_tp{t}.safetensors"
-            if not path.is_file():
-                raise ConvertError(path, f"missing ({LAYOUT_FILE} says tp={layout.tp} pp={layout.pp})")
-            files[(p, t)] = SafetensorsFile.open(path)
+    files: dict[tuple[int, int, int], SafetensorsFile] = {}
+    for key in layout.keys():
+        path = in_dir / f"{layout.tag(key)}.safetensors"
+        if not path.is_file():
+            ep = f" ep={layout.ep}" if layout.ep > 1 else ""
+            raise ConvertError(path, f"missing ({LAYOUT_FILE} says tp={layout.tp} pp={layout.pp}{ep})")
+        files[key] = SafetensorsFile.open(path)
     by_name = {key: {e.name: e for e in f.entries} for key, f in files.items()}
-    for (p, t), names in by_name.items():
-        extra = set(names) ^ set(by_name[(p, 0)])
-        if extra:
-            raise ConvertError(files[(p, t)].path, f"holds a different set of tensors than pp{p}_tp0 "
-                                                   f"(e.g. {sorted(extra)[0]})")
+    for key, names in by_name.items():
+        extra = set(names) ^ set(by_name[(key[0], 0, 0)])
+        if extra:  # each EP rank holds its experts under the same local ids
+            raise ConvertError(files[key].path, f"holds a different set of tensors than "
+                                                f"{layout.tag((key[0], 0, 0))} (e.g. {sorted(extra)[0]})")
+    ranks = [key[1:] for key in layout.keys() if key[0] == 0]  # (tp, ep) of a stage's files
     suffixes = info.get("mca_name_suffixes") or {}
 
     def template_name_of(name: str) -> str:
@@ -750,16 +761,16 @@ def to_hf(in_dir: Path, out_dir: Path, template_name: str | None = None, plugins
         planned: dict[str, torch.Tensor] = {}
         locate: dict[str, Path] = {}
         for p in range(layout.pp):
-            for e in files[(p, 0)].entries:
-                pieces = [by_name[(p, t)][e.name].meta() for t in range(layout.tp)]
+            for e in files[(p, 0, 0)].entries:
+                pieces = {r: by_name[(p, *r)][e.name].meta() for r in ranks}
                 try:
                     with MetaPlanning():
                         whole = _gather_one(p, e.name, pieces, layout)
                         for name, tensor in whole.items():
-                            locate[template_name_of(name)] = files[(p, 0)].path
+                            locate[template_name_of(name)] = files[(p, 0, 0)].path
                             planned.update(converter.add(template_name_of(name), tensor))
                 except Exception as exc:  # noqa: BLE001
-                    raise ConvertError(files[(p, 0)].path, f"{e.name}: {type(exc).__name__}: {exc}") from None
+                    raise ConvertError(files[(p, 0, 0)].path, f"{e.name}: {type(exc).__name__}: {exc}") from None
         report = converter.finish()
         if report.problems():
             raise _first_problem(report, locate, layout_path)
@@ -772,12 +783,12 @@ def to_hf(in_dir: Path, out_dir: Path, template_name: str | None = None, plugins
         reader = SourceReader([f.path for f in files.values()])
         try:
             for p in range(layout.pp):
-                for e in files[(p, 0)].entries:
-                    pieces = [reader.read(files[(p, t)].path, by_name[(p, t)][e.name]) for t in range(layout.tp)]
+                for e in files[(p, 0, 0)].entries:
+                    pieces = {r: reader.read(files[(p, *r)].path, by_name[(p, *r)][e.name]) for r in ranks}
                     try:
                         whole = _gather_one(p, e.name, pieces, layout)
                     except ValueError as exc:
-                        raise ConvertError(files[(p, 0)].path, str(exc)) from None
+                        raise ConvertError(files[(p, 0, 0)].path, str(exc)) from None
                     del pieces
                     for name, tensor in whole.items():
                         for hf_name, hf_tensor in converter.add(template_name_of(name), tensor).items():
@@ -805,8 +816,9 @@ def run(args) -> int:
         if args.to == "mcore":
             tp = 1 if args.tp is None else args.tp
             pp = 1 if args.pp is None else args.pp
-            to_mcore(args.in_dir, args.out_dir, tp, pp, args.template, args.plugin)
-            print(f"wrote {args.out_dir} (tp={tp}, pp={pp})")
+            ep = getattr(args, "ep", None) or 1
+            to_mcore(args.in_dir, args.out_dir, tp, pp, args.template, args.plugin, ep)
+            print(f"wrote {args.out_dir} (tp={tp}, pp={pp}" + (f", ep={ep})" if ep > 1 else ")"))
         else:
             to_hf(args.in_dir, args.out_dir, args.template, args.plugin, args.tp, args.pp)
             print(f"wrote {args.out_dir}")

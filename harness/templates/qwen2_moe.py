@@ -73,7 +73,8 @@ register_template(
         # the shared expert: one SwiGLU MLP every token goes through, and its [1, hidden] gate
         StackConverOp(hf_names=[".mlp.shared_expert.gate_proj.weight", ".mlp.shared_expert.up_proj.weight"],
                       mca_names=".mlp.shared_experts.linear_fc1.weight", dim=0),
-        RenameConverOp(hf_names=".mlp.shared_expert.down_proj.weight", mca_names=".mlp.shared_experts.linear_fc2.weight"),
+        RenameConverOp(hf_names=".mlp.shared_expert.down_proj.weight",
+                       mca_names=".mlp.shared_experts.linear_fc2.weight"),
         RenameConverOp(hf_names=".mlp.shared_expert_gate.weight", mca_names=".mlp.shared_experts.gate_weight"),
     ],
 )

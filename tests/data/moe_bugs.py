@@ -13,7 +13,8 @@ import copy
 import harness.templates.mixtral  # noqa: F401 - registers the correct templates
 import harness.templates.qwen2_moe  # noqa: F401
 import harness.templates.qwen3_moe  # noqa: F401
-from harness.convert import RenameConverOp, StackConverOp, Template, register_template, templates
+from harness.convert import (RenameConverOp, StackConverOp, Template, get_dist_config, register_dist_config,
+                             register_template, templates)
 
 
 def _variant(name, base, *, constants=None, drop_constants=(), drop_ops=(), ops=None, template_class=None,
@@ -30,6 +31,7 @@ def _variant(name, base, *, constants=None, drop_constants=(), drop_ops=(), ops=
                              **(constants or {})},
         weight_converters=weight_converters if ops is None else ops(weight_converters),
     )
+    register_dist_config(name, get_dist_config(base.hf_model_type))  # shards like its base (shared expert)
 
 
 _variant("mixtral-pre-softmax-flipped", "mixtral", constants={"moe_router_pre_softmax": True})

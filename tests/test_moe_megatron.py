@@ -1,0 +1,163 @@
+"""The Megatron worker on MoE models (gloo on CPU) at expert-parallel layouts, through the real workers.
+
+qwen2_moe (shared expert with a sigmoid gate, every layer sparse) and qwen3_moe (q/k norm, layer 0 dense)
+match HF fp32 within the fp32 logit bounds at EP 2 alone (dp 2 for the dense weights), TP2 x EP2 and
+PP2 x EP2; the router decisions the ranks record (routing.safetensors) are the same whatever the layout;
+the train step at EP 2 and at TP2 x EP2 (sequence-parallel) matches the plain-torch reference. Negative
+controls: two experts exchanged by a hand-enumerated template fail logit parity at EP 1 and EP 2; a gather
+that keeps local expert ids fails the train check at EP 2, naming the colliding and missing expert tensors.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.checks import train
+from harness.train_step import STEPS
+from harness.workers import Worker
+
+from .conftest import REPO, base_spec
+from .test_logits_negative import Rig
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="megatron-core not installed")
+DATA = REPO / "tests" / "data"
+
+
+def _spec_file(folder: Path, model: str, plugins: list[str]) -> tuple[Path, dict]:
+    spec = yaml.safe_load((REPO / "model_specs" / f"{model}.yaml").read_text())
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(base_spec(f"{model}-moe-ranks", plugins=spec["plugins"] + plugins,
+                                             dtypes=["float32"])))
+    return path, spec
+
+
+def _rig(tmp_path_factory, model: str, plugins: list[str]) -> Rig:
+    path, spec = _spec_file(tmp_path_factory.mktemp(f"{model}-spec"), model, plugins)
+    return Rig(path, tmp_path_factory.mktemp(model), spec["reference"]["config"], spec["reference"]["seed"],
+               model_type=spec["hf_model_type"])
+
+
+@pytest.fixture(scope="module")
+def qwen2_moe(tmp_path_factory):
+    r = _rig(tmp_path_factory, "qwen2_moe", [str(DATA / "moe_rank_bugs.py")])
+    yield r
+    r.close()
+
+
+def _logprobs(rig: Rig, template: str, tp: int, pp: int, ep: int) -> dict:
+    return rig.mcore.call("logprobs", {"dir": rig.ref_dir, "dtypes": ["float32"], "tp": tp, "pp": pp, "ep": ep,
+                                       "prompts": rig.prompts, "template": template,
+                                       "out_dir": str(rig.tmp / f"{template}-tp{tp}pp{pp}ep{ep}")}, timeout=600)
+
+
+def _judged(rig: Rig, template: str, tp: int, pp: int, ep: int):
+    run = _logprobs(rig, template, tp, pp, ep)
+    return run, rig.evaluate(run, f"tp{tp}pp{pp}ep{ep} float32", "float32")
+
+
+def _routing(run: dict, moe_layers: list[int], prompts: dict, experts: int, k: int) -> dict:
+    """The routing file in the contract's format: every prompt set x MoE layer, batch-major shapes."""
+    import torch
+    from safetensors.torch import load_file
+
+    routing = load_file(run["routing"]["float32"])
+    expected = {f"{s}/layers.{layer}/{kind}" for s in prompts for layer in moe_layers for kind in ("topk", "logits")}
+    assert set(routing) == expected, sorted(set(routing) ^ expected)
+    for name, seqs in prompts.items():
+        for layer in moe_layers:
+            shape = (len(seqs), max(map(len, seqs)))
+            ids, logits = routing[f"{name}/layers.{layer}/topk"], routing[f"{name}/layers.{layer}/logits"]
+            assert ids.dtype == torch.int64 and ids.shape == (*shape, k)
+            assert logits.dtype == torch.float32 and logits.shape == (*shape, experts)
+            assert int(ids.min()) >= 0 and int(ids.max()) < experts
+            assert (ids.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct experts per token
+            # the router's choice is its logits' top k (softmax score function, no expert bias)
+            assert (ids.sort(-1).values == logits.topk(k, dim=-1).indices.sort(-1).values).all()
+    return routing
+
+
+def _same_routing(a: dict, b: dict, where: str) -> None:
+    import torch
+
+    for key in a:
+        if key.endswith("/topk"):
+            assert torch.equal(a[key], b[key]), f"{where}: {key}"
+        else:
+            assert (a[key] - b[key]).abs().max() < 1e-4, f"{where}: {key}"
+
+
+def test_qwen2_moe_logits_and_routing_at_expert_parallel_layouts(qwen2_moe):
+    """Shared expert + gate, all layers sparse: EP2 (dp 2), TP2 x EP2, PP2 x EP2 each pass fp32 logit parity."""
+    baseline = None
+    for tp, pp, ep in ((1, 1, 2), (2, 1, 2), (1, 2, 2)):
+        run, verdict = _judged(qwen2_moe, "qwen2_moe", tp, pp, ep)
+        assert verdict.status == "passed", verdict.reason
+        assert verdict.metrics["max_abs_logprob"] < 1e-4
+        routing = _routing(run, [0, 1], qwen2_moe.prompts, experts=4, k=2)
+        if baseline is None:
+            baseline = routing
+        else:
+            _same_routing(baseline, routing, f"tp{tp}pp{pp}ep{ep}")
+
+
+def test_qwen3_moe_logits_at_tp2_ep2(tmp_path_factory):
+    """q/k norm under TP, layer 0 dense and layer 1 sparse (decoder_sparse_step 2): only layer 1 is routed."""
+    rig = _rig(tmp_path_factory, "qwen3_moe", [])
+    try:
+        run, verdict = _judged(rig, "qwen3_moe", 2, 1, 2)
+        assert verdict.status == "passed", verdict.reason
+        _routing(run, [1], rig.prompts, experts=8, k=2)
+    finally:
+        rig.close()
+
+
+def _reference(rig: Rig) -> dict:
+    return rig.hf.call("train_reference", {"dir": rig.ref_dir, "dtype": "float32",
+                                           "sequences": rig.prompts["padded_batch"], "steps": STEPS,
+                                           "out_dir": str(rig.tmp / "train-ref"), "warmup_zero_steps": 0,
+                                           "compute_dtype": "float32"}, timeout=600)
+
+
+def _train(worker: Worker, rig: Rig, tp: int, pp: int, ep: int, tag: str = "") -> dict:
+    return worker.call("train", {"dir": rig.ref_dir, "dtype": "float32", "tp": tp, "pp": pp, "ep": ep,
+                                 "sequences": rig.prompts["padded_batch"], "steps": STEPS, "template": "qwen2_moe",
+                                 "out_dir": str(rig.tmp / f"train{tag}-tp{tp}pp{pp}ep{ep}")}, timeout=600)
+
+
+def test_qwen2_moe_train_step_at_ep2_and_tp2_ep2(qwen2_moe):
+    """EP2: the data-parallel ranks EP implies both run the batch (non-distributed optimizer); TP2 x EP2 trains
+    sequence-parallel. Loss, every first-step gradient and weight (experts gathered to global ids) match."""
+    reference = _reference(qwen2_moe)
+    for tp, ep in ((1, 2), (2, 2)):
+        result = _train(qwen2_moe.mcore, qwen2_moe, tp, 1, ep)
+        verdict = train.evaluate(reference, result, "float32", {}, f"tp{tp}pp1ep{ep}", None)
+        assert verdict.status == "passed", verdict.reason
+        assert result["aux_losses"] == {}  # the spec trains with router_aux_loss_coef 0: nothing tracked
+
+
+def test_two_experts_exchanged_fail_logits_at_ep1_and_ep2(qwen2_moe):
+    for tp, pp, ep in ((1, 1, 1), (1, 1, 2)):
+        _, verdict = _judged(qwen2_moe, "qwen2_moe-experts-exchanged", tp, pp, ep)
+        print(f"experts exchanged at ep{ep}: max_abs_logprob {verdict.metrics['max_abs_logprob']:.3g}")
+        assert verdict.status == "failed" and "max_abs_logprob" in verdict.reason
+        assert verdict.metrics["max_abs_logprob"] > 100 * verdict.tolerance["max_abs_logprob"]
+
+
+def test_gather_keeping_local_expert_ids_fails_train_naming_experts(qwen2_moe, tmp_path):
+    from suites.test_train import _judge
+
+    path, _ = _spec_file(tmp_path, "qwen2_moe", [str(DATA / "moe_gather_local_ids.py")])
+    worker = Worker("megatron", str(path))
+    try:
+        result = _train(worker, qwen2_moe, 1, 1, 2, tag="-local-ids")
+    finally:
+        worker.close()
+    verdict = _judge(None, None, result)  # judged before any reference is needed
+    assert verdict.status == "failed" and "rank results that do not gather back" in verdict.reason
+    prefix = "decoder.layers.0.mlp.experts.local_experts."
+    assert (f"grads: {prefix}0.linear_fc1.weight: given by ep ranks 0 and 1 (expert ids collide: "
+            "local ids not renumbered to global?)") in verdict.reason
+    assert any(p.endswith("no ep rank gave this expert") and f"{prefix}2." in p for p in result["gather_problems"])
