@@ -144,6 +144,9 @@ def merge_records(first: dict[str, Any] | None, second: dict[str, Any]) -> dict[
             "processes": first["processes"] + second["processes"]}
 
 
+RENDEZVOUS_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
 class Worker:
     def __init__(self, backend: str, spec_path: str | None, python: str | None = None,
                  env: dict[str, str] | None = None, start_timeout: float = 300.0, device: str = "cpu"):
@@ -151,7 +154,9 @@ class Worker:
         self.device = device  # "cpu" | "cuda": the backend computes there (Backend.start)
         self.python = python or python_for(backend)
         self._log = tempfile.NamedTemporaryFile(prefix=f"harness-{backend}-", suffix=".log", delete=False)
-        child_env = {**os.environ, **(env or {})}
+        # A rank group's rendezvous variables in this process are not the worker's: it picks its own.
+        child_env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_ENV}
+        child_env.update(env or {})
         child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), child_env.get("PYTHONPATH")]))
         child_env.setdefault("PYTHONUNBUFFERED", "1")
         self.proc = subprocess.Popen(

@@ -24,6 +24,9 @@ class SleepyBackend(Backend):
     def op_echo(self, value=None) -> dict:
         return {"value": value, "pid": os.getpid()}
 
+    def op_env(self, names: list[str]) -> dict:
+        return {"env": {name: os.environ.get(name) for name in names}}
+
     def op_device(self) -> dict:
         """The device the worker was started for (Backend.start's `device`, sent by the parent)."""
         return {"device": self.device, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}

@@ -272,3 +272,16 @@ def test_flipped_pre_softmax_fails_logit_parity(megatron, tmp_path):
         mca = load_file(out["files"]["float32"])["batch"]
         worst[template] = float((mca - hf).abs()[valid].max())
     assert worst["mixtral"] < 1e-4 and worst["mixtral-pre-softmax-flipped"] > 0.1, worst
+
+
+def test_qwen2_moe_dense_layer_from_mlp_only_layers(megatron, roll_templates):
+    """mlp_only_layers [1]: layer 1 is a dense MLP of intermediate_size. The built-in template places and sizes it;
+    ROLL's (moe_intermediate_size -> ffn_hidden_size, mlp_only_layers unmapped) builds layer 1 sparse."""
+    verdict, keys = _config(megatron, "qwen2_moe", "qwen2_moe", mlp_only_layers=[1])
+    assert verdict.status == "passed", verdict.reason
+    assert keys["mlp_only_layers"]["backend"] == [1, 0] and keys["intermediate_size"]["backend"] == ["sparse", 256]
+    verdicts = _roundtrip(megatron, "qwen2_moe", "qwen2_moe", mlp_only_layers=[1])[:3]
+    assert all(v.status == "passed" for v in verdicts), [v.reason for v in verdicts]
+    verdict, _ = _config(megatron, "qwen2_moe", "roll-qwen2_moe", mlp_only_layers=[1])
+    assert "mlp_only_layers: hf=[1, 0] but backend=[1, 1]" in verdict.reason
+    assert "intermediate_size: hf=['sparse', 256] but backend=['sparse', 'sparse']" in verdict.reason

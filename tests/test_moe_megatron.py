@@ -1,9 +1,10 @@
 """The Megatron worker on MoE models (gloo on CPU) at expert-parallel layouts, through the real workers.
 
 qwen2_moe (shared expert with a sigmoid gate, every layer sparse) and qwen3_moe (q/k norm, layer 0 dense)
-match HF fp32 within the fp32 logit bounds at EP 2 alone (dp 2 for the dense weights), TP2 x EP2 and
-PP2 x EP2; the router decisions the ranks record (routing.safetensors) are the same whatever the layout;
-the train step at EP 2 and at TP2 x EP2 (sequence-parallel) matches the plain-torch reference. Negative
+match HF fp32 within the fp32 logit bounds at EP 2 alone (dp 2 for the dense weights) and TP2 x EP2; the
+router decisions the ranks record (routing.safetensors) are the same whatever the layout; the train step
+at EP 2 matches the plain-torch reference. (PP2 x EP2 and the sequence-parallel TP2 x EP2 train step pass
+too; they are left to the certification runs to keep this file near four minutes on two cores.) Negative
 controls: two experts exchanged by a hand-enumerated template fail logit parity at EP 1 and EP 2; a gather
 that keeps local expert ids fails the train check at EP 2, naming the colliding and missing expert tensors.
 """
@@ -42,7 +43,8 @@ def _rig(tmp_path_factory, model: str, plugins: list[str]) -> Rig:
 
 @pytest.fixture(scope="module")
 def qwen2_moe(tmp_path_factory):
-    r = _rig(tmp_path_factory, "qwen2_moe", [str(DATA / "moe_rank_bugs.py")])
+    # qwen3_moe's template too: its test borrows these workers (two fewer worker start-ups)
+    r = _rig(tmp_path_factory, "qwen2_moe", [str(DATA / "moe_rank_bugs.py"), "harness.templates.qwen3_moe"])
     yield r
     r.close()
 
@@ -90,9 +92,9 @@ def _same_routing(a: dict, b: dict, where: str) -> None:
 
 
 def test_qwen2_moe_logits_and_routing_at_expert_parallel_layouts(qwen2_moe):
-    """Shared expert + gate, all layers sparse: EP2 (dp 2), TP2 x EP2, PP2 x EP2 each pass fp32 logit parity."""
+    """Shared expert + gate, all layers sparse: EP2 (dp 2) and TP2 x EP2 each pass fp32 logit parity."""
     baseline = None
-    for tp, pp, ep in ((1, 1, 2), (2, 1, 2), (1, 2, 2)):
+    for tp, pp, ep in ((1, 1, 2), (2, 1, 2)):
         run, verdict = _judged(qwen2_moe, "qwen2_moe", tp, pp, ep)
         assert verdict.status == "passed", verdict.reason
         assert verdict.metrics["max_abs_logprob"] < 1e-4
@@ -103,15 +105,25 @@ def test_qwen2_moe_logits_and_routing_at_expert_parallel_layouts(qwen2_moe):
             _same_routing(baseline, routing, f"tp{tp}pp{pp}ep{ep}")
 
 
-def test_qwen3_moe_logits_at_tp2_ep2(tmp_path_factory):
+def test_qwen3_moe_logits_at_tp2_ep2(qwen2_moe, tmp_path):
     """q/k norm under TP, layer 0 dense and layer 1 sparse (decoder_sparse_step 2): only layer 1 is routed."""
-    rig = _rig(tmp_path_factory, "qwen3_moe", [])
-    try:
-        run, verdict = _judged(rig, "qwen3_moe", 2, 1, 2)
-        assert verdict.status == "passed", verdict.reason
-        _routing(run, [1], rig.prompts, experts=8, k=2)
-    finally:
-        rig.close()
+    from fixtures.prompts import prompt_sets
+    from harness.checks import logits
+
+    spec = yaml.safe_load((REPO / "model_specs" / "qwen3_moe.yaml").read_text())
+    hf, mcore = qwen2_moe.hf, qwen2_moe.mcore
+    ref_dir = hf.call("materialize", {"model_type": "qwen3_moe", "overrides": spec["reference"]["config"],
+                                      "seed": spec["reference"]["seed"], "dtype": "float32", "path": None})["dir"]
+    prompts = prompt_sets(spec["reference"]["config"]["vocab_size"])
+    reference = hf.call("logprobs", {"dir": ref_dir, "dtype": "float32", "prompts": prompts,
+                                     "out_path": str(tmp_path / "hf-qwen3_moe.safetensors")})["path"]
+    run = mcore.call("logprobs", {"dir": ref_dir, "dtypes": ["float32"], "tp": 2, "pp": 1, "ep": 2,
+                                  "prompts": prompts, "template": "qwen3_moe", "out_dir": str(tmp_path / "mcore")},
+                     timeout=600)
+    verdict = logits.evaluate(reference, run["files"].get("float32"), prompts, "float32", {}, "tp2pp1ep2 float32",
+                              run["load_problems"], None)
+    assert verdict.status == "passed", verdict.reason
+    _routing(run, [1], prompts, experts=8, k=2)
 
 
 def _reference(rig: Rig) -> dict:
@@ -127,15 +139,13 @@ def _train(worker: Worker, rig: Rig, tp: int, pp: int, ep: int, tag: str = "") -
                                  "out_dir": str(rig.tmp / f"train{tag}-tp{tp}pp{pp}ep{ep}")}, timeout=600)
 
 
-def test_qwen2_moe_train_step_at_ep2_and_tp2_ep2(qwen2_moe):
-    """EP2: the data-parallel ranks EP implies both run the batch (non-distributed optimizer); TP2 x EP2 trains
-    sequence-parallel. Loss, every first-step gradient and weight (experts gathered to global ids) match."""
-    reference = _reference(qwen2_moe)
-    for tp, ep in ((1, 2), (2, 2)):
-        result = _train(qwen2_moe.mcore, qwen2_moe, tp, 1, ep)
-        verdict = train.evaluate(reference, result, "float32", {}, f"tp{tp}pp1ep{ep}", None)
-        assert verdict.status == "passed", verdict.reason
-        assert result["aux_losses"] == {}  # the spec trains with router_aux_loss_coef 0: nothing tracked
+def test_qwen2_moe_train_step_at_ep2(qwen2_moe):
+    """EP2: the data-parallel ranks EP implies both run the batch (non-distributed optimizer). Loss, every
+    first-step gradient and weight (experts gathered back to global ids) match the reference."""
+    result = _train(qwen2_moe.mcore, qwen2_moe, 1, 1, 2)
+    verdict = train.evaluate(_reference(qwen2_moe), result, "float32", {}, "tp1pp1ep2", None)
+    assert verdict.status == "passed", verdict.reason
+    assert result["aux_losses"] == {}  # the spec trains with router_aux_loss_coef 0: nothing tracked
 
 
 def test_two_experts_exchanged_fail_logits_at_ep1_and_ep2(qwen2_moe):

@@ -189,3 +189,31 @@ def test_a_backend_in_its_own_interpreter_is_judged_available_there(monkeypatch,
     assert HFBackend.unavailable() is None
     monkeypatch.setenv("HARNESS_PYTHON_HF", str(bare / "bin" / "python"))
     assert "torch is not installed in" in HFBackend.unavailable()
+
+
+def test_a_worker_does_not_inherit_a_rank_groups_rendezvous(monkeypatch):
+    """A process that once joined a gloo group keeps MASTER_PORT in its environment while the group's store holds
+    that port; a worker inheriting it collided (EADDRINUSE) in every later one-rank group."""
+    monkeypatch.setenv("MASTER_PORT", "40085")
+    monkeypatch.setenv("RANK", "3")
+    w = Worker(SLEEPY, None, start_timeout=60)
+    try:
+        env = w.call("env", {"names": ["MASTER_PORT", "RANK", "PYTHONUNBUFFERED"]}, timeout=30)["env"]
+    finally:
+        w.close()
+    assert env == {"MASTER_PORT": None, "RANK": None, "PYTHONUNBUFFERED": "1"}
+
+
+def test_a_one_rank_group_ignores_a_taken_master_port(tmp_path):
+    import socket
+    import subprocess
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        code = ("import torch.distributed as dist; from harness.backends.base import init_single_rank_group; "
+                "init_single_rank_group(dist); print(dist.get_world_size()); dist.destroy_process_group()")
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(held.getsockname()[1]),
+               "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "1", out.stderr[-2000:]

@@ -34,6 +34,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def init_single_rank_group(dist, attempts: int = 3) -> None:
+    """A private one-rank gloo group on a fresh port.
+
+    Never from MASTER_PORT: a port inherited from the parent (or set by another in-process
+    group) is held by that group's store, and every worker started after it would collide.
+    """
+    for attempt in range(attempts):
+        try:
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+            return
+        except RuntimeError as exc:  # DistNetworkError: the port was taken between pick and bind
+            if "EADDRINUSE" not in str(exc) or attempt == attempts - 1:
+                raise
+
+
 def spawn_ranks(run_rank, world: int, job_path: str, attempts: int = 3) -> None:
     """Run `run_rank(rank, world, port, job_path)` in `world` fresh processes.
 

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
 from ..executor import run_rank_group
-from .base import Backend, free_port
+from .base import Backend, init_single_rank_group
 
 ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "relu": "relu"}
 CPU_SAFE = dict(
@@ -241,10 +240,8 @@ class MegatronBackend(Backend):
         import torch.distributed as dist
         from megatron.core import parallel_state, tensor_parallel
 
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
         if not dist.is_initialized():
-            dist.init_process_group("gloo", rank=0, world_size=1)
+            init_single_rank_group(dist)
         parallel_state.initialize_model_parallel(1, 1)
         # The CUDA seeding helper asserts on CPU; the inference tracker needs no device.
         tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
