@@ -42,7 +42,7 @@ def _judge(certify, check, spec) -> Verdict:
     tolerance, calibration, margins = refit.tolerance_for(check.dtype, spec.tolerances, truth, noisy, prompts)
     out = certify.scratch(check.model) / f"refit-{check.dtype}-{check.layout}"
     source = certify.call(check.model, TRAINER, "refit_source", dir=ref_dir, dtype=check.dtype, tp=layout.tp,
-                          pp=layout.pp, sequences=prompts[TRAIN_SET], prompts=prompts, out_dir=str(out))
+                          pp=layout.pp, ep=layout.ep, sequences=prompts[TRAIN_SET], prompts=prompts, out_dir=str(out))
     if source.get("load_problems"):  # the template's forward direction produced shards Megatron cannot load
         return from_problems(source["load_problems"], {}, tolerance, what="converted shards that do not load")
     sync = certify.call(check.model, check.backend, "refit", dir=ref_dir, dtype=check.dtype, prompts=prompts,
