@@ -204,7 +204,7 @@ def test_a_worker_does_not_inherit_a_rank_groups_rendezvous(monkeypatch):
     assert env == {"MASTER_PORT": None, "RANK": None, "PYTHONUNBUFFERED": "1"}
 
 
-def test_a_one_rank_group_ignores_a_taken_master_port(tmp_path):
+def test_a_one_rank_group_ignores_a_taken_master_port():
     import socket
     import subprocess
 
