@@ -51,6 +51,12 @@ def coverage(ref: dict[str, torch.Tensor], test: dict[str, torch.Tensor],
     return problems
 
 
+def non_finite_sets(test: dict[str, torch.Tensor], prompts: dict[str, list[list[int]]]) -> list[str]:
+    """Prompt sets whose log-probs hold a NaN/inf inside a sequence: numeric evidence a localization can use."""
+    return [name for name, seqs in prompts.items() if name in test and test[name].dim() == 3
+            and any(not bool(torch.isfinite(row[: len(seq)]).all()) for row, seq in zip(test[name], seqs))]
+
+
 def valid_mask(shape, seqs: list[list[int]]) -> torch.Tensor:
     valid = torch.zeros(shape[:2], dtype=torch.bool)
     for i, seq in enumerate(seqs):

@@ -22,13 +22,16 @@ def _hf_capture(certify, model: str, ref_dir: str, dtype: str, sequences, set_na
 
 
 def attach(certify, check, verdict, ref_dir: str, prompts: dict, backend_args: dict):
-    """`verdict` with its localization when it failed on numbers (a structural failure has nothing to capture)."""
+    """`verdict` with its localization when it failed on numbers, non-finite ones included (a structural failure
+    has nothing to capture)."""
     if verdict.status != "failed":
         return verdict
     if check.backend not in CAPTURING:
         verdict.localization = {"status": "not_run", "reason": NOT_CAPTURING}
         return verdict
-    set_name = localize.worst_prompt_set(verdict.metrics.get("per_set") or {})
+    # the worst set by |Δlogprob|, else one where the backend returned NaN/inf (numbers, though no metric)
+    set_name = (localize.worst_prompt_set(verdict.metrics.get("per_set") or {})
+                or next(iter(verdict.metrics.get("non_finite_sets") or []), None))
     if set_name is None:
         return verdict
     sequences = prompts[set_name]

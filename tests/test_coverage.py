@@ -199,3 +199,18 @@ def test_train_judge_names_a_missing_step_and_a_missing_gradient(tmp_path):
     empty = _train_files(tmp_path, "empty", {}, {}, [])
     verdict = train.judge(train.measure(empty, empty), tol, "zero0-ws1")
     assert verdict.status == "failed" and "nothing to compare" in verdict.reason
+
+
+def test_non_finite_values_fail_coverage_and_name_their_set_for_localization(tmp_path):
+    """NaN/inf is numeric evidence (an uninitialised parameter), not a gap: the set is kept for the localizer."""
+    test = _full()
+    test["b"][1, 2, 5] = float("inf")
+    verdict = _evaluate(tmp_path, test)
+    assert verdict.status == "failed" and verdict.metrics["non_finite_sets"] == ["b"], verdict.metrics
+    ref = _greedy_reference()
+    record = engine_logits.record_from_reference(ref, PROMPTS, VOCAB)
+    first = next(iter(record["sets"]["a"][0]["dists"][2]))
+    record["sets"]["a"][0]["dists"][2][first] = float("nan")
+    verdict = _engine(record, ref)
+    assert verdict.status == "failed" and "non-finite log-probs" in verdict.reason
+    assert verdict.metrics["non_finite_sets"] == ["a"]

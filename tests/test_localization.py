@@ -93,6 +93,28 @@ def test_worst_prompt_set_and_train_gradient_order():
     assert localize.first_diverging_gradient({"x": 0.0}, 1e-5, ["x"]) is None
 
 
+def test_a_check_failed_on_non_finite_values_is_localized_on_that_set(tmp_path):
+    """No per-set metric (coverage stopped at the NaN), yet the capture runs on the set the NaN came from."""
+    from types import SimpleNamespace
+
+    from harness.errors import WorkerError
+    from harness.verdict import Verdict
+    from suites import localization
+
+    asked = []
+
+    def call(model, backend, op, **kw):
+        asked.append((backend, kw["sequences"]))
+        raise WorkerError("capture refused in this test")
+
+    certify = SimpleNamespace(scratch=lambda model: tmp_path, call=call)
+    check = SimpleNamespace(backend="vllm", model="m", dtype="float32", short_id="logits/vllm/float32")
+    verdict = Verdict("failed", "non-finite log-probs", metrics={"non_finite_sets": ["b"]})
+    out = localization.attach(certify, check, verdict, str(tmp_path), {"a": [[1]], "b": [[2, 3]]}, {})
+    assert asked == [("hf", [[2, 3]])] and out.localization["prompt_set"] == "b", out.localization
+    assert out.localization["status"] == "error"
+
+
 def test_a_failed_train_step_names_its_first_diverging_gradient():
     m = {"structural": [], "loss_diffs": [0.0, 0.5], "loss_curve": {"reference": [1.0, 1.0], "backend": [1.0, 1.5]},
          "grad_diffs": {"lm_head.weight": 0.0, "model.norm.weight": 0.2, "model.embed_tokens.weight": 0.3},

@@ -83,6 +83,14 @@ def coverage(record: dict[str, Any], reference: dict[str, torch.Tensor],
     return problems
 
 
+def non_finite_sets(record: dict[str, Any], prompts: dict[str, list[list[int]]]) -> list[str]:
+    """Prompt sets where the engine returned a NaN/inf log-prob: numeric evidence a localization can use."""
+    sets = record.get("sets") or {}
+    return [name for name in prompts if any(
+        not math.isfinite(v) for seq in sets.get(name, []) for dist in seq.get("dists", []) + seq.get("gen_dists", [])
+        for v in dist.values())]
+
+
 def row_margins(prompts: dict[str, list[list[int]]], truth: dict[str, torch.Tensor],
                 noisy: dict[str, torch.Tensor] | None, factor: float) -> dict[str, torch.Tensor]:
     """Per sequence and reference row, the margin a position needs to be decisive (see logits.MARGIN_RULE).
@@ -222,6 +230,8 @@ def evaluate(truth: dict[str, torch.Tensor], noisy: dict[str, torch.Tensor] | No
     problems = list(problems or [])
     missing = coverage(record, truth, prompts)
     if missing or problems:
-        return judge({}, tolerance, where, problems + [f"{where} {p}" for p in missing], bounds=ENGINE_BOUNDS)
+        verdict = judge({}, tolerance, where, problems + [f"{where} {p}" for p in missing], bounds=ENGINE_BOUNDS)
+        verdict.metrics["non_finite_sets"] = non_finite_sets(record, prompts)
+        return verdict
     return judge(compare(record, truth, row_margins(prompts, truth, noisy, factor)), tolerance, where,
                  bounds=ENGINE_BOUNDS)

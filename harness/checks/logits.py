@@ -91,7 +91,9 @@ def evaluate(truth_path: str, test_path: str | None, prompts: dict[str, list[lis
     test = M.load(test_path)
     missing = M.coverage(truth, test, prompts)
     if missing:
-        return judge({}, tolerance, where, [f"{where} {p}" for p in missing])
+        verdict = judge({}, tolerance, where, [f"{where} {p}" for p in missing])
+        verdict.metrics["non_finite_sets"] = M.non_finite_sets(test, prompts)
+        return verdict
     return judge(compare(truth, test, prompts, margins), tolerance, where)
 
 
