@@ -38,8 +38,9 @@ class Layout(_Strict):
 
     tp: int = Field(1, ge=1, description="tensor-parallel size")
     pp: int = Field(1, ge=1, description="pipeline-parallel size")
-    ep: int = Field(1, ge=1, description="expert-parallel size (MoE models; experts are never TP-split: "
-                                         "expert_tensor_parallel_size 1); on a dense model the layout is "
+    ep: int = Field(1, ge=1, description="expert-parallel size (MoE models; expert_tensor_parallel_size is tp "
+                                         "at ep 1, megatron-core's default, and 1 at ep > 1); on a dense model "
+                                         "the layout is "
                                          "not applicable")
 
     @property

@@ -1,7 +1,8 @@
 """One rank of a multi-process megatron-core job (gloo on CPU, NCCL on GPU).
 
-Spawned by the Megatron backend with world size pp * lcm(tp, ep) (expert parallelism with expert
-tensor parallel size 1; the ranks EP adds beyond TP are data-parallel for the dense weights). Each rank
+Spawned by the Megatron backend with world size pp * lcm(tp, ep) (expert tensor parallel size from
+convert.dist.expert_tp: TP when ep is 1, else 1; the ranks EP adds beyond TP are data-parallel for the
+dense weights). Each rank
 loads the shard tagged with its (pp, tp, ep) ranks (names and shapes the converter got wrong are
 reported, named), then either runs the prompt sets forward
 (mode "logprobs": the last stage writes log-probabilities), trains on the fixed batch (mode
@@ -31,6 +32,8 @@ import contextlib
 import dataclasses
 import json
 from pathlib import Path
+
+from ..convert.dist import expert_tp
 
 
 def _pad_to(t, multiple: int, value: int):
@@ -78,7 +81,7 @@ def setup_group(rank: int, world: int, port: int, job: dict):
     from megatron.core import tensor_parallel
 
     ps.initialize_model_parallel(job["tp"], job["pp"], expert_model_parallel_size=job.get("ep", 1),
-                                 expert_tensor_parallel_size=1)
+                                 expert_tensor_parallel_size=expert_tp(job["tp"], job.get("ep", 1)))
     tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     if not placement.cuda:
         # megatron-core 0.16 asks torch.cuda.current_device() in RoPE and the attention buffer
@@ -123,7 +126,7 @@ class Rank:
         torch, tdtype = self.torch, getattr(self.torch, dtype)
         tc, _ = build_transformer_config(self.job["mca_kwargs"], dtype, cpu=not self.cuda)
         tc = dataclasses.replace(tc, tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
-                                 expert_model_parallel_size=self.ep, expert_tensor_parallel_size=1,
+                                 expert_model_parallel_size=self.ep, expert_tensor_parallel_size=expert_tp(self.tp, self.ep),
                                  sequence_parallel=bool(train and tc.num_moe_experts and self.tp > 1),
                                  pipeline_dtype=tdtype, hidden_dropout=0.0, attention_dropout=0.0)
         if not self.cuda and tc.window_size:

@@ -10,9 +10,12 @@ DistParallelConfig; a template without one gets `default_dist_config`):
 Pipeline stage s holds layers [s*L/pp, (s+1)*L/pp), renumbered from 0; the embedding lives on
 the first stage, the final norm and output layer on the last (with tied embeddings and pp > 1
 the last stage keeps its own copy of the embedding as output_layer.weight, as Megatron does).
-Experts (`decoder.layers.L.mlp.experts.local_experts.E...`, global E in whole-model dicts) are never
-TP-split (expert_tensor_parallel_size 1): EP rank e holds global experts [e*E/ep, (e+1)*E/ep) as local
-ids 0..E/ep-1 (ROLL: `E // (E/ep) == ep_rank`).
+Experts (`decoder.layers.L.mlp.experts.local_experts.E...`, global E in whole-model dicts): EP rank e
+holds global experts [e*E/ep, (e+1)*E/ep) as local ids 0..E/ep-1 (ROLL: `E // (E/ep) == ep_rank`). Their
+tensor-parallel size (`expert_tp`) is TP when ep is 1 -- megatron-core's default, and the only one it trains:
+with ep 1 it reduces expert gradients as dense parameters, over the dense data-parallel group, so experts
+replicated over TP ranks that each saw a sequence shard would keep partial gradients -- and 1 when ep > 1
+(experts whole on every TP rank). TP-split experts split by their declared kind, like a dense MLP.
 
 Shards are keyed (pp, tp, ep); a rank's file tag is `rank_tag(...)`. Every (pp, tp, ep) combination is
 written (each holds its TP shard of the dense weights and its EP rank's experts), and gather accepts
@@ -36,7 +39,7 @@ EXPERT_RE = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.local_experts\.)(
 _EXPERT_SUFFIX_RE = re.compile(r"^(\.mlp\.experts\.local_experts\.)\d+(\..*)$")
 
 __all__ = ["EXPERT_RE", "LAYER_RE", "GatherError", "Layout", "UndeclaredTensorError", "expert_owner", "gather",
-           "gather_as", "global_expert_id", "layout_for", "load_rank_shards", "pure_name", "rank_tag", "shard",
+           "expert_tp", "gather_as", "global_expert_id", "layout_for", "load_rank_shards", "pure_name", "rank_tag", "shard",
            "split_dim", "stacked_suffixes", "stage_of"]
 
 
@@ -47,6 +50,11 @@ class GatherError(ValueError):
         self.problems = list(problems)
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         super().__init__("; ".join(problems[:3]) + more)
+
+
+def expert_tp(tp: int, ep: int) -> int:
+    """expert_tensor_parallel_size for a (tp, ep) layout (see the module docstring)."""
+    return tp if ep == 1 else 1
 
 
 def rank_tag(pp_rank: int, tp_rank: int, ep_rank: int = 0, ep_size: int = 1) -> str:
@@ -74,6 +82,10 @@ class Layout:
             raise ValueError(f"num_moe_experts {self.num_experts} is not divisible by expert-parallel size {self.ep}")
 
     @property
+    def etp(self) -> int:
+        return expert_tp(self.tp, self.ep)
+
+    @property
     def per_stage(self) -> int:
         return self.num_layers // self.pp
 
@@ -93,7 +105,7 @@ class Layout:
         return rank_tag(*key, ep_size=self.ep)
 
     def rank_coords(self, rank: int) -> tuple[int, int, int]:
-        """(pp, tp, ep) of a global rank in megatron-core's default order tp-cp-ep-dp-pp with expert TP 1."""
+        """(pp, tp, ep) of a global rank in megatron-core's default order tp-cp-ep-dp-pp (expert TP is 1 when ep > 1)."""
         per_stage = math.lcm(self.tp, self.ep)
         return rank // per_stage, rank % self.tp, rank % self.ep
 
@@ -132,12 +144,12 @@ def pure_name(name: str) -> str:
     return m.group(2) if m else name
 
 
-def split_dim(name: str, config: DistParallelConfig = default_dist_config) -> int | None:
-    """0 for column-parallel, 1 for row-parallel, None for duplicated tensors (and experts: never TP-split).
+def split_dim(name: str, config: DistParallelConfig = default_dist_config, etp: int = 1) -> int | None:
+    """0 for column-parallel, 1 for row-parallel, None for duplicated tensors (and experts when expert TP is 1).
     UndeclaredTensorError when the dist config does not cover the tensor."""
     spellings = list(dict.fromkeys([pure_name(name), pure_name(to_local(name))]))
     dim = config.split_dim(spellings, name)
-    return None if EXPERT_RE.match(to_local(name)) else dim
+    return None if etp == 1 and EXPERT_RE.match(to_local(name)) else dim
 
 
 def _tp_split(tensor: torch.Tensor, dim: int | None, tp: int, parts: int, name: str) -> list[torch.Tensor]:
@@ -195,15 +207,15 @@ def shard(state: dict[str, torch.Tensor], layout: Layout) -> dict[tuple[int, int
     """Whole Megatron state dict -> {(pp_rank, tp_rank, ep_rank): local-spec state dict}."""
     out = {key: {} for key in layout.keys()}
     for name, tensor in state.items():
-        dim = split_dim(name, layout.dist_config)
+        dim = split_dim(name, layout.dist_config, layout.etp)
+        pieces = _tp_split(tensor, dim, layout.tp, layout.parts(name), name)
         expert = EXPERT_RE.match(to_local(name))
         if expert:
             ep_rank, local_id = expert_owner(int(expert.group(2)), layout, name)
             for stage, local in stage_of(name, layout):
-                for t in range(layout.tp):
-                    out[(stage, t, ep_rank)][_with_expert(local, local_id)] = tensor.contiguous()
+                for t, piece in enumerate(pieces):
+                    out[(stage, t, ep_rank)][_with_expert(local, local_id)] = piece.contiguous()
             continue
-        pieces = _tp_split(tensor, dim, layout.tp, layout.parts(name), name)
         for stage, local in stage_of(name, layout):
             for t, piece in enumerate(pieces):
                 piece = piece.contiguous()
@@ -253,10 +265,19 @@ def _gather_expert(name, held, layout, whole, expert_from, problems) -> None:
     local_id = int(EXPERT_RE.match(name).group(2))
     for e in sorted({k[2] for k, _ in held}):
         copies = [(k, t) for k, t in held if k[2] == e]
+        global_name = _with_expert(name, global_expert_id(local_id, e, layout))
+        if layout.etp > 1:  # TP-split experts: one piece per TP rank, joined like a dense tensor
+            by_tp = {k[1]: t for k, t in copies}
+            missing = [t for t in range(layout.tp) if t not in by_tp]
+            if missing:
+                problems.append(f"{global_name}: missing from tp rank(s) {', '.join(map(str, missing))}")
+                continue
+            joined = _tp_join([by_tp[t] for t in range(layout.tp)], split_dim(name, layout.dist_config, layout.etp),
+                              layout.parts(name))
+            copies = [(copies[0][0], joined)]
         for k, tensor in copies[1:]:
             if _differs(tensor, copies[0][1]):
                 problems.append(f"{name}: ep rank {e}'s copy differs between tp ranks {copies[0][0][1]} and {k[1]}")
-        global_name = _with_expert(name, global_expert_id(local_id, e, layout))
         if global_name in expert_from:
             problems.append(f"{global_name}: given by ep ranks {expert_from[global_name]} and {e} "
                             f"(expert ids collide: local ids not renumbered to global?)")
@@ -278,7 +299,7 @@ def _gather_dense(name, held, layout, whole, problems) -> None:
             if _differs(tensor, copies[0][1]):
                 problems.append(f"{name}: tp rank {t}'s copy differs between ep ranks {copies[0][0][2]} and {k[2]}")
     pieces = [by_tp[t][0][1] for t in range(layout.tp)]
-    dim = split_dim(name, layout.dist_config)
+    dim = split_dim(name, layout.dist_config, layout.etp)
     if dim is None:
         for t, piece in enumerate(pieces[1:], start=1):
             if _differs(piece, pieces[0]):

@@ -10,8 +10,8 @@ entries match exactly or as fnmatch patterns, as ROLL's name_match does.
 Kinds, in ROLL's order of precedence: swiglu (column-parallel per [gate; up] part), gdn (column per
 part), duplicated, column (split dim 0), row (split dim 1). A `.bias` takes its weight's kind, as in
 ROLL, except that a row-parallel layer's bias is duplicated (megatron adds it after the reduction, one
-whole copy per rank). Expert weights are never TP-split here (expert_tensor_parallel_size 1), but
-they must be declared like any other. A tensor no declaration covers is an UndeclaredTensorError.
+whole copy per rank). Expert weights are TP-split only at ep 1 (dist.expert_tp), but they must
+be declared like any other. A tensor no declaration covers is an UndeclaredTensorError.
 """
 from __future__ import annotations
 

@@ -660,7 +660,8 @@ def to_mcore(in_dir: Path, out_dir: Path, tp: int = 1, pp: int = 1, template_nam
                 raise ConvertError(writer.label, f"never written: {', '.join(sorted(writer.missing))}")
         _write_json(out.path(LAYOUT_FILE), {
             "format": LAYOUT_FORMAT,
-            "tp": tp, "pp": pp, "ep": ep, "num_experts": layout.num_experts, "num_layers": num_layers, "tied": tied,
+            "tp": tp, "pp": pp, "ep": ep, "etp": layout.etp, "num_experts": layout.num_experts,
+            "num_layers": num_layers, "tied": tied,
             "stacked": layout.stacked,
             "template": name,
             "plugins": [str(Path(p).resolve()) if p.endswith(".py") or "/" in p else p for p in plugins],
@@ -703,10 +704,15 @@ def _layout_from(info: dict[str, Any], path: Path) -> dist.Layout:
     if info["tp"] < 1 or info["pp"] < 1 or ep < 1:
         raise ConvertError(path, f"tp {info['tp']}, pp {info['pp']} and ep {ep} must be at least 1")
     try:
-        return dist.Layout(info["tp"], info["pp"], info["num_layers"], info["tied"], dict(info["stacked"]), ep,
-                           experts)
+        layout = dist.Layout(info["tp"], info["pp"], info["num_layers"], info["tied"], dict(info["stacked"]), ep,
+                             experts)
     except ValueError as exc:
         raise ConvertError(path, str(exc)) from None
+    written = info.get("etp", 1)  # absent: written when experts were never TP-split
+    if experts and written != layout.etp:
+        raise ConvertError(path, f"etp {written!r}: its experts are split over {written} TP ranks, this harness "
+                                 f"splits them over {layout.etp} at tp {layout.tp} ep {ep} (convert it again)")
+    return layout
 
 
 def to_hf(in_dir: Path, out_dir: Path, template_name: str | None = None, plugins: list[str] = (),
