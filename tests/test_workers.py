@@ -217,3 +217,28 @@ def test_a_one_rank_group_ignores_a_taken_master_port():
                "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "1", out.stderr[-2000:]
+
+
+def test_a_port_taken_before_bind_is_retried_on_a_new_one_and_other_errors_are_not():
+    from harness.backends.base import on_a_fresh_port
+
+    ports = []
+
+    def taken_once(port):
+        ports.append(port)
+        if len(ports) == 1:
+            raise RuntimeError("The server socket has failed to listen on any local network address. EADDRINUSE")
+        return "up"
+
+    assert on_a_fresh_port(taken_once, (RuntimeError,)) == "up" and len(ports) == 2
+
+    def broken(port):
+        ports.append(port)
+        raise RuntimeError("connection refused")
+
+    ports.clear()
+    with pytest.raises(RuntimeError, match="refused"):
+        on_a_fresh_port(broken, (RuntimeError,))
+    assert len(ports) == 1
+    with pytest.raises(RuntimeError, match="EADDRINUSE"):
+        on_a_fresh_port(lambda port: (_ for _ in ()).throw(RuntimeError("EADDRINUSE")), (RuntimeError,), attempts=2)

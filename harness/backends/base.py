@@ -34,37 +34,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def on_a_fresh_port(start, errors: tuple[type[BaseException], ...], attempts: int = 3) -> None:
+    """`start(port)` on a free port; a port taken between pick and bind (EADDRINUSE: parallel test workers do
+    this) is retried on a new one, any other error raised."""
+    for attempt in range(attempts):
+        try:
+            return start(free_port())
+        except errors as exc:
+            if "EADDRINUSE" not in str(exc) or attempt == attempts - 1:
+                raise
+
+
 def init_single_rank_group(dist, attempts: int = 3) -> None:
     """A private one-rank gloo group on a fresh port.
 
     Never from MASTER_PORT: a port inherited from the parent (or set by another in-process
     group) is held by that group's store, and every worker started after it would collide.
     """
-    for attempt in range(attempts):
-        try:
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-            return
-        except RuntimeError as exc:  # DistNetworkError: the port was taken between pick and bind
-            if "EADDRINUSE" not in str(exc) or attempt == attempts - 1:
-                raise
+    on_a_fresh_port(lambda port: dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                                         world_size=1),
+                    (RuntimeError,), attempts)  # DistNetworkError is a RuntimeError
 
 
 def spawn_ranks(run_rank, world: int, job_path: str, attempts: int = 3) -> None:
-    """Run `run_rank(rank, world, port, job_path)` in `world` fresh processes.
-
-    The rendezvous port is free when picked but can be taken by another run before rank 0
-    binds it (parallel test workers do this); that one error is retried on a new port.
-    """
+    """Run `run_rank(rank, world, port, job_path)` in `world` fresh processes (rank 0 binds the port)."""
     import torch.multiprocessing as mp
 
-    for attempt in range(attempts):
-        try:
-            mp.start_processes(run_rank, args=(world, free_port(), job_path), nprocs=world,
-                               start_method="spawn", join=True)
-            return
-        except mp.ProcessRaisedException as exc:
-            if "EADDRINUSE" not in str(exc) or attempt == attempts - 1:
-                raise
+    on_a_fresh_port(lambda port: mp.start_processes(run_rank, args=(world, port, job_path), nprocs=world,
+                                                    start_method="spawn", join=True),
+                    (mp.ProcessRaisedException,), attempts)
 
 
 _PROBE = """import importlib.metadata as m, json, sys

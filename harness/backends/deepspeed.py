@@ -3,7 +3,9 @@
 Every case (ZeRO stage x dtype x world size) runs in fresh processes: DeepSpeed keeps global
 state and, under ZeRO-3, patches torch functions. deepspeed 0.19.8 on CPU needs
 DS_ACCELERATOR=cpu and gloo; its first run JIT-builds a comm op into TORCH_EXTENSIONS_DIR
-(~150 s cold, cached afterwards). With --device cuda each rank runs DS_ACCELERATOR=cuda and
+(~150 s cold, cached afterwards) under torch's FileBaton lock file, which every other rank waits on for as
+long as it exists: a build killed midway leaves it, so a lock older than any build is refused, named, before
+ranks start (they would otherwise sleep until the worker's timeout with an empty log). With --device cuda each rank runs DS_ACCELERATOR=cuda and
 NCCL on its own GPU (LOCAL_RANK; the engine places the module there).
 """
 from __future__ import annotations
@@ -11,11 +13,38 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from ..executor import run_rank_group
 from .base import Backend
+
+
+SHM_COMM_OP = "deepspeed_shm_comm"  # deepspeed.ops.op_builder.cpu.ShareMemCommBuilder.NAME
+STALE_LOCK_S = 900  # six times a cold build of the comm op here
+
+
+def extensions_root() -> Path:
+    """Where torch JIT-builds extensions for this interpreter and accelerator (TORCH_EXTENSIONS_DIR or the default)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(SHM_COMM_OP, verbose=False)).parent
+
+
+def stale_build_locks(root: Path, now: float | None = None) -> list[Path]:
+    """Extension build locks under `root` older than any build takes: a killed build's leftovers."""
+    now = time.time() if now is None else now
+    return sorted(lock for lock in Path(root).glob("*/lock") if now - lock.stat().st_mtime > STALE_LOCK_S)
+
+
+def refuse_stale_build_locks(root: Path) -> None:
+    stale = stale_build_locks(root)
+    if stale:
+        age = (time.time() - stale[0].stat().st_mtime) / 60
+        raise RuntimeError(f"{stale[0]}: a torch extension build lock left {age:.0f} min ago by a build that did "
+                           f"not finish; every DeepSpeed rank would wait on it forever (delete it if no build is "
+                           f"running)")
 
 
 def accelerator_for(device: str) -> str:
@@ -36,6 +65,8 @@ class DeepSpeedBackend(Backend):
     def _spawn(self, job: dict[str, Any], world: int) -> None:
         from .deepspeed_ranks import run_rank
 
+        if self.device != "cuda":  # the cpu accelerator's comm op is the one JIT-built
+            refuse_stale_build_locks(extensions_root())
         job = {**job, "spec_path": str(self.spec.source) if self.spec and self.spec.source else None,
                "device": self.device}
         with tempfile.TemporaryDirectory(prefix="harness-ds-") as tmp:
