@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from harness import engine_record
-from harness.checks import engine_logits
+from harness.checks import engine_logits, routing
+from harness.plan import is_moe
 from suites import localization
 
 ENGINES = ("vllm", "sglang", "lmdeploy")
@@ -26,6 +27,31 @@ def _load(path: str) -> dict:
     return load_file(path)
 
 
+def routing_reference(certify, model: str, dtype: str, prompts: dict, attention: str | None = None) -> str:
+    """HF's routing of the fp32 reference checkpoint run in `dtype` (fp32 = truth, bf16 = noise), once."""
+    ref_dir = certify.reference_dir(model, "float32")
+    out = certify.scratch(model) / f"hf-routing-{dtype}{'-' + attention if attention else ''}.safetensors"
+    extra = {"attention": attention} if attention else {}
+    return certify.call(model, "hf", "routing", dir=ref_dir, dtype=dtype, prompts=prompts, out_path=str(out),
+                        **extra)["path"]
+
+
+def routing_ties(certify, model: str, dtype: str, prompts: dict):
+    """An MoE model in bf16: HF's routing near-tie tokens per prompt set (logits.MARGIN_RULE); else None."""
+    if dtype == "float32" or not is_moe(certify.specs[model]):
+        return None
+    truth, _ = routing.load(routing_reference(certify, model, "float32", prompts), "reference")
+    noisy, _ = routing.load(routing_reference(certify, model, dtype, prompts), "HF-bf16")
+    return routing.near_tie_tokens(truth, noisy, prompts)
+
+
+def with_tie_count(verdict, ties):
+    """The verdict, with how many tokens were judged as routing near-ties (when any rule applied)."""
+    if ties is not None:
+        verdict.metrics["routing_near_tie_tokens"] = int(sum(int(t.sum()) for t in ties.values()))
+    return verdict
+
+
 def greedy_reference(certify, model: str, dtype: str, prompts: dict) -> dict:
     """HF's greedy continuation + full-vocab log-probs of the fp32 reference checkpoint run in `dtype`."""
     ref_dir = certify.reference_dir(model, "float32")
@@ -39,8 +65,10 @@ def judge_record(certify, check, record_path: str, prompts: dict, where: str, pr
     """An engine record against HF fp32's greedy reference (bf16: calibrated on HF's own bf16 run)."""
     truth = greedy_reference(certify, check.model, "float32", prompts)
     noisy = greedy_reference(certify, check.model, check.dtype, prompts) if check.dtype != "float32" else None
-    return engine_logits.evaluate(truth, noisy, engine_record.load(record_path), prompts, check.dtype,
-                                  certify.specs[check.model].tolerances, where, list(problems))
+    ties = routing_ties(certify, check.model, check.dtype, prompts)
+    return with_tie_count(engine_logits.evaluate(truth, noisy, engine_record.load(record_path), prompts, check.dtype,
+                                                 certify.specs[check.model].tolerances, where, list(problems),
+                                                 routing_ties=ties), ties)
 
 
 def judge_engine_logits(certify, check, ref_dir: str, prompts: dict):

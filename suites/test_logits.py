@@ -47,6 +47,8 @@ def _trainer_logits(certify, check, spec, ref_dir: str, prompts: dict):
                        out_dir=out_dir, **extra)
     where = " ".join(p for p in (check.variant, check.layout, check.dtype) if p)
     noise = _reference(certify, check.model, check.dtype) if check.dtype != "float32" else None
+    ties = engine_common.routing_ties(certify, check.model, check.dtype, prompts)
     verdict = logits.evaluate(_reference(certify, check.model, "float32"), run["files"].get(check.dtype), prompts,
-                              check.dtype, spec.tolerances, where, run["load_problems"], noise)
+                              check.dtype, spec.tolerances, where, run["load_problems"], noise, routing_ties=ties)
+    verdict = engine_common.with_tie_count(verdict, ties)
     return localization.attach(certify, check, verdict, ref_dir, prompts, extra)

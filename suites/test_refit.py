@@ -39,7 +39,8 @@ def _judge(certify, check, spec) -> Verdict:
     layout = next(lay for lay in spec.parallel if lay.id == check.layout)
     noisy = _hf_logprobs(certify, check.model, check.dtype, prompts) if check.dtype != "float32" else None
     truth = _hf_logprobs(certify, check.model, "float32", prompts) if noisy is not None else None
-    tolerance, calibration, margins = refit.tolerance_for(check.dtype, spec.tolerances, truth, noisy, prompts)
+    ties = engine_common.routing_ties(certify, check.model, check.dtype, prompts)
+    tolerance, calibration, margins = refit.tolerance_for(check.dtype, spec.tolerances, truth, noisy, prompts, ties)
     out = certify.scratch(check.model) / f"refit-{check.dtype}-{check.layout}"
     source = certify.call(check.model, TRAINER, "refit_source", dir=ref_dir, dtype=check.dtype, tp=layout.tp,
                           pp=layout.pp, ep=layout.ep, sequences=prompts[TRAIN_SET], prompts=prompts, out_dir=str(out))
@@ -54,6 +55,7 @@ def _judge(certify, check, spec) -> Verdict:
                              load(source["logprobs"]), load(source["pre_step_logprobs"]), prompts, tolerance,
                              margins, where, sync, [f"conversion: {p}" for p in source["conversion_problems"]],
                              calibration)
+    engine_common.with_tie_count(verdict, ties)
     verdict.metrics["refit"].update(trainer=TRAINER, synced=source["synced"], train_loss=source["losses"],
                                     sent_bytes=source["sent_bytes"])
     if sync.get("engine_workaround"):  # a backend bug the harness works around, in the open (README)

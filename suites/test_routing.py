@@ -10,20 +10,12 @@ from pathlib import Path
 from fixtures.prompts import prompt_sets
 from harness.checks import routing
 from harness.plugin import conclude
+from suites.engine_common import routing_reference as reference
 
 SUITE = "routing"
 
 
 NOISE_ATTENTION = (None, "eager")  # HF's default kernel first (it sets the near-tie gaps), then eager
-
-
-def reference(certify, model: str, dtype: str, prompts: dict, attention: str | None = None) -> str:
-    """HF's routing of the fp32 reference checkpoint run in `dtype` (fp32 = truth, bf16 = noise), once."""
-    ref_dir = certify.reference_dir(model, "float32")
-    out = certify.scratch(model) / f"hf-routing-{dtype}{'-' + attention if attention else ''}.safetensors"
-    extra = {"attention": attention} if attention else {}
-    return certify.call(model, "hf", "routing", dir=ref_dir, dtype=dtype, prompts=prompts, out_path=str(out),
-                        **extra)["path"]
 
 
 def _megatron(certify, check, spec, ref_dir: str, prompts: dict) -> tuple[list[str] | None, list[str]]:

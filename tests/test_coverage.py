@@ -214,3 +214,19 @@ def test_non_finite_values_fail_coverage_and_name_their_set_for_localization(tmp
     verdict = _engine(record, ref)
     assert verdict.status == "failed" and "non-finite log-probs" in verdict.reason
     assert verdict.metrics["non_finite_sets"] == ["a"]
+
+
+def test_a_routing_near_tie_token_is_judged_at_the_largest_noise_of_any_set():
+    """MoE bf16 (logits.MARGIN_RULE): which near-tie tokens flip is each implementation's own; every other
+    token keeps its own noise."""
+    truth = _full()
+    noisy = {k: v.clone() for k, v in truth.items()}
+    noisy["a"][0, 1] += 0.5  # HF-bf16's largest noise, in another set than the tie
+    noisy["b"][1, 0] += 0.01
+    ties = {name: torch.zeros(t.shape[:2], dtype=torch.bool) for name, t in truth.items()}
+    ties["b"][1, 2] = True
+    plain = logits.min_margins(PROMPTS, truth, noisy)
+    routed = logits.min_margins(PROMPTS, truth, noisy, routing_ties=ties)
+    assert float(routed["b"][1, 2]) == pytest.approx(2 * 2 * 0.5) and float(plain["b"][1, 2]) < 1e-3
+    untouched = ~ties["b"]
+    assert torch.equal(routed["b"][untouched], plain["b"][untouched]) and torch.equal(routed["a"], plain["a"])

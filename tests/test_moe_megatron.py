@@ -156,6 +156,36 @@ def test_two_experts_exchanged_fail_logits_at_ep1_and_ep2(qwen2_moe):
         assert verdict.metrics["max_abs_logprob"] > 100 * verdict.tolerance["max_abs_logprob"]
 
 
+def _hf_routing(rig: Rig, dtype: str) -> dict:
+    from harness.checks import routing
+
+    out = rig.hf.call("routing", {"dir": rig.ref_dir, "dtype": dtype, "prompts": rig.prompts,
+                                  "out_path": str(rig.tmp / f"hf-routing-{dtype}.safetensors")})["path"]
+    return routing.load(out, dtype)[0]
+
+
+def test_bf16_logits_pass_for_the_correct_template_and_fail_with_experts_exchanged(qwen2_moe):
+    """bf16 on an MoE model: routing near-tie tokens are judged at HF-bf16's largest noise (logits.MARGIN_RULE;
+    Megatron TP1 flips a near-tie HF does not); the correct template passes, exchanged experts still fail."""
+    from harness.checks import logits, routing
+
+    rig = qwen2_moe
+    ties = routing.near_tie_tokens(_hf_routing(rig, "float32"), _hf_routing(rig, "bfloat16"), rig.prompts)
+    verdicts = {}
+    for template in ("qwen2_moe", "qwen2_moe-experts-exchanged"):
+        run = rig.mcore.call("logprobs", {"dir": rig.ref_dir, "dtypes": ["bfloat16"], "tp": 1, "pp": 1, "ep": 1,
+                                          "prompts": rig.prompts, "template": template,
+                                          "out_dir": str(rig.tmp / f"{template}-bf16")}, timeout=600)
+        verdicts[template] = logits.evaluate(rig.reference, run["files"].get("bfloat16"), rig.prompts, "bfloat16",
+                                             {}, f"{template} bfloat16", run["load_problems"],
+                                             rig.hf_logprobs("bfloat16"), routing_ties=ties)
+    tokens = sum(len(seq) for seqs in rig.prompts.values() for seq in seqs)
+    assert 0 < sum(int(t.sum()) for t in ties.values()) < tokens / 3  # a few tokens excused, not the judgement
+    assert verdicts["qwen2_moe"].status == "passed", verdicts["qwen2_moe"].reason
+    bad = verdicts["qwen2_moe-experts-exchanged"]
+    assert bad.status == "failed" and "max_abs_logprob" in bad.reason, bad.reason
+
+
 def test_gather_keeping_local_expert_ids_fails_train_naming_experts(qwen2_moe, tmp_path):
     from suites.test_train import _judge
 

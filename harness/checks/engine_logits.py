@@ -92,28 +92,34 @@ def non_finite_sets(record: dict[str, Any], prompts: dict[str, list[list[int]]])
 
 
 def row_margins(prompts: dict[str, list[list[int]]], truth: dict[str, torch.Tensor],
-                noisy: dict[str, torch.Tensor] | None, factor: float) -> dict[str, torch.Tensor]:
+                noisy: dict[str, torch.Tensor] | None, factor: float,
+                routing_ties: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Per sequence and reference row, the margin a position needs to be decisive (see logits.MARGIN_RULE).
 
     HF-bf16's rows are comparable with HF-fp32's over the prompt and the greedy path up to where the two
-    greedy paths part; later rows take the sequence's largest comparable noise."""
+    greedy paths part; later rows take the sequence's largest comparable noise. The prompt rows of an MoE model's
+    routing near-tie tokens (`routing_ties`, [B, S] per set over the prompts) take the largest of any sequence."""
     floor = DEFAULTS["max_abs_logprob"][0]
     out = {}
+    if noisy is None:
+        return {f"{name}/{i}": torch.full((truth[f"{name}/{i}"].shape[0],), 2 * floor, dtype=torch.float64)
+                for name, seqs in prompts.items() for i in range(len(seqs))}
     for name, seqs in prompts.items():
         for i, prompt in enumerate(seqs):
             key = f"{name}/{i}"
             rows = truth[key].shape[0]
-            if noisy is None:
-                out[key] = torch.full((rows,), 2 * floor, dtype=torch.float64)
-                continue
             a, b = truth[f"{key}/generated"].tolist(), noisy[f"{key}/generated"].tolist()
             same = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             comparable = min(rows, len(prompt) + same)
             noise = (truth[key][:comparable].double() - noisy[key][:comparable].double()).abs().amax(-1)
-            full = torch.full((rows,), float(noise.max()), dtype=torch.float64)
-            full[:comparable] = noise
-            out[key] = 2 * torch.clamp(factor * full, min=floor)
-    return out
+            out[key] = torch.full((rows,), float(noise.max()), dtype=torch.float64)
+            out[key][:comparable] = noise
+    if routing_ties is not None:  # a near-tie prompt token: HF-bf16's largest comparable noise anywhere
+        largest = max(float(n.max()) for n in out.values())
+        for name, seqs in prompts.items():
+            for i, prompt in enumerate(seqs):
+                out[f"{name}/{i}"][: len(prompt)][routing_ties[name][i][: len(prompt)]] = largest
+    return {key: 2 * torch.clamp(factor * full, min=floor) for key, full in out.items()}
 
 
 def _compare_sequence(seq: dict[str, Any], ref: torch.Tensor, ref_generated: list[int], need: torch.Tensor,
@@ -205,27 +211,28 @@ def record_from_reference(reference: dict[str, torch.Tensor], prompts: dict[str,
 
 
 def noise_calibration(truth: dict[str, torch.Tensor], noisy: dict[str, torch.Tensor],
-                      prompts: dict[str, list[list[int]]], top_k: int, factor: float):
+                      prompts: dict[str, list[list[int]]], top_k: int, factor: float, routing_ties=None):
     """HF's own greedy run in bf16 judged against HF fp32 the way an engine's record is (HF-bf16's path is its own)."""
     from ..tolerances import Calibration
     from .logits import worst
 
-    margins = row_margins(prompts, truth, noisy, factor)
+    margins = row_margins(prompts, truth, noisy, factor, routing_ties)
     noise = worst(compare(record_from_reference(noisy, prompts, top_k), truth, margins), ENGINE_BOUNDS)
     return Calibration(f"{factor:g} x HF-bf16 vs HF-fp32 noise in the same metrics", noise, factor)
 
 
 def evaluate(truth: dict[str, torch.Tensor], noisy: dict[str, torch.Tensor] | None, record: dict[str, Any],
              prompts: dict[str, list[list[int]]], dtype: str, spec_tolerances: dict, where: str,
-             problems: list[str] | None = None, factor: float | None = None):
-    """An engine record against HF fp32's greedy reference; `noisy` (HF's own greedy run in `dtype`) calibrates bf16."""
+             problems: list[str] | None = None, factor: float | None = None, routing_ties=None):
+    """An engine record against HF fp32's greedy reference; `noisy` (HF's own greedy run in `dtype`) calibrates bf16
+    (`routing_ties`: an MoE model's routing near-tie tokens, see logits.MARGIN_RULE)."""
     from ..tolerances import CALIBRATION_FACTOR, resolve
     from .logits import judge
 
     factor = factor or CALIBRATION_FACTOR
     calibration = None
     if noisy is not None:
-        calibration = noise_calibration(truth, noisy, prompts, int(record.get("top_k") or 1), factor)
+        calibration = noise_calibration(truth, noisy, prompts, int(record.get("top_k") or 1), factor, routing_ties)
     tolerance = resolve(dtype, spec_tolerances, ENGINE_LOGIT_METRICS, calibration)
     problems = list(problems or [])
     missing = coverage(record, truth, prompts)
@@ -233,5 +240,5 @@ def evaluate(truth: dict[str, torch.Tensor], noisy: dict[str, torch.Tensor] | No
         verdict = judge({}, tolerance, where, problems + [f"{where} {p}" for p in missing], bounds=ENGINE_BOUNDS)
         verdict.metrics["non_finite_sets"] = non_finite_sets(record, prompts)
         return verdict
-    return judge(compare(record, truth, row_margins(prompts, truth, noisy, factor)), tolerance, where,
+    return judge(compare(record, truth, row_margins(prompts, truth, noisy, factor, routing_ties)), tolerance, where,
                  bounds=ENGINE_BOUNDS)

@@ -173,7 +173,7 @@ def sync_problems(sync: dict[str, Any]) -> list[str]:
     return problems
 
 
-def tolerance_for(dtype: str, spec_tolerances: dict, truth=None, noisy=None, prompts=None):
+def tolerance_for(dtype: str, spec_tolerances: dict, truth=None, noisy=None, prompts=None, routing_ties=None):
     """fp32: the default bounds (spec values win). bf16: engine and trainer are both bf16, each may be
     2 x HF's own bf16 rounding away from the truth, so 4 x HF-bf16 vs HF-fp32 on the same prompt
     positions (as the rollout suite calibrates). Returns (tolerance, calibration, margins)."""
@@ -183,7 +183,7 @@ def tolerance_for(dtype: str, spec_tolerances: dict, truth=None, noisy=None, pro
         return resolve(dtype, spec_tolerances, LOGIT_METRICS), None, logits.min_margins(prompts, truth, None)
     if truth is None or noisy is None:
         raise ValueError(f"{dtype} refit bounds are calibrated: HF's fp32 and {dtype} prompt log-probs are needed")
-    margins = logits.min_margins(prompts, truth, noisy, BOTH_SIDES_FACTOR)
+    margins = logits.min_margins(prompts, truth, noisy, BOTH_SIDES_FACTOR, routing_ties)
     calibration = logits.noise_calibration(
         truth, noisy, prompts, margins,
         "2 x 2 x HF-bf16 vs HF-fp32 on the prompt positions (trainer and engine both bf16)", BOTH_SIDES_FACTOR)

@@ -161,6 +161,27 @@ def tie_gaps(truth: dict, noisy: dict, prompts: dict[str, list[list[int]]], fact
                    for layer in truth[name]} for name, seqs in prompts.items()}
 
 
+def near_tie_tokens(truth: dict, noisy: dict, prompts: dict[str, list[list[int]]]) -> dict[str, torch.Tensor]:
+    """Per prompt set, [B, S] True on the tokens that are a routing near-tie (NEAR_TIE_RULE) at any MoE layer:
+    where a correct bf16 backend may send the token to other experts than HF does."""
+    gaps = tie_gaps(truth, noisy, prompts)
+    out = {}
+    for name, seqs in prompts.items():
+        layers = truth[name]
+        valid = valid_mask(next(iter(layers.values()))["topk"].shape, seqs)
+        near = torch.zeros(valid.shape, dtype=torch.bool)
+        for layer, cell in layers.items():
+            k = cell["topk"].shape[-1]
+            top = _probs(cell, seqs).topk(min(k + 1, cell["logits"].shape[-1]), dim=-1).values
+            if top.shape[-1] <= k:
+                continue  # top-k of k experts: every token goes everywhere, nothing can flip
+            layer_near = torch.zeros_like(near)
+            layer_near[valid] = (top[:, k - 1] - top[:, k]) <= gaps[name][layer]
+            near |= layer_near
+        out[name] = near
+    return out
+
+
 def _cells(per_set: dict) -> list[tuple[str, str, dict[str, Any]]]:
     return [(name, layer, m) for name, layers in per_set.items() for layer, m in layers.items()]
 
