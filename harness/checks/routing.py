@@ -117,12 +117,9 @@ def compare_cell(ref: dict, test: dict, seqs: list[list[int]], tie_gap, judge_al
     """One (prompt set, layer): agreement of top-k sets, max |Δp|, near-ties (coverage already checked).
     `tie_gap`: the reference gap at or below which a token is a near-tie, one value or one per valid token."""
     p_ref, p_test = _probs(ref, seqs), _probs(test, seqs)
-    k = ref["topk"].shape[-1]
     valid = valid_mask(ref["topk"].shape, seqs)
     same = ref["topk"][valid].long().sort(-1).values.eq(test["topk"][valid].long().sort(-1).values).all(-1)
-    top = p_ref.topk(min(k + 1, p_ref.shape[-1]), dim=-1).values
-    gap = top[:, k - 1] - top[:, k] if top.shape[-1] > k else torch.full((len(top),), float("inf"))
-    near = gap <= torch.as_tensor(tie_gap, dtype=torch.float64)
+    near = _topk_gap(p_ref, ref["topk"].shape[-1]) <= torch.as_tensor(tie_gap, dtype=torch.float64)
     judged = same if judge_all else same[~near]
     return {
         "tokens": int(valid.sum()),
@@ -136,6 +133,12 @@ def compare_cell(ref: dict, test: dict, seqs: list[list[int]], tie_gap, judge_al
         "router_prob_diff": float((p_ref - p_test).abs().max()),
         "router_prob_diff_mean": float((p_ref - p_test).abs().mean()),
     }
+
+
+def _topk_gap(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """Per token, the k-th minus the (k+1)-th router probability (inf when every expert is chosen: no flip)."""
+    top = probs.topk(min(k + 1, probs.shape[-1]), dim=-1).values
+    return top[:, k - 1] - top[:, k] if top.shape[-1] > k else torch.full((len(top),), float("inf"))
 
 
 def _probs(cell: dict, seqs: list[list[int]]) -> torch.Tensor:
@@ -171,12 +174,8 @@ def near_tie_tokens(truth: dict, noisy: dict, prompts: dict[str, list[list[int]]
         valid = valid_mask(next(iter(layers.values()))["topk"].shape, seqs)
         near = torch.zeros(valid.shape, dtype=torch.bool)
         for layer, cell in layers.items():
-            k = cell["topk"].shape[-1]
-            top = _probs(cell, seqs).topk(min(k + 1, cell["logits"].shape[-1]), dim=-1).values
-            if top.shape[-1] <= k:
-                continue  # top-k of k experts: every token goes everywhere, nothing can flip
             layer_near = torch.zeros_like(near)
-            layer_near[valid] = (top[:, k - 1] - top[:, k]) <= gaps[name][layer]
+            layer_near[valid] = _topk_gap(_probs(cell, seqs), cell["topk"].shape[-1]) <= gaps[name][layer]
             near |= layer_near
         out[name] = near
     return out
