@@ -127,3 +127,43 @@ def routing_file(model, prompts: dict[str, list[list[int]]], out_path: str, to_d
             tensors.update({f"{name}/{key}": t for key, t in store.items()})
     save_file(tensors, out_path)
     return {"path": out_path, "moe_layers": sorted({k.split("/")[-2] for k in tensors})}
+
+
+@contextlib.contextmanager
+def routing_forced(model, chosen: dict[int, torch.Tensor]):
+    """While active, MoE layer L routes each token to the experts chosen[L] names ([b, s, k] global ids, e.g. a
+    trainer's own decisions: routing replay) instead of its own top-k. The router still computes its logits,
+    probabilities and gate values itself (each family's normalisation and dtype): only the torch.topk call in
+    its forward is answered with the given experts and the router's own probabilities of them."""
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    original, handles, active = torch.topk, [], {}
+
+    def replayed_topk(probs, k, dim=-1, *args, **kwargs):
+        ids = active["ids"].reshape(-1, active["ids"].shape[-1]).to(probs.device)
+        if dim not in (-1, probs.dim() - 1) or probs.dim() != 2 or tuple(ids.shape) != (probs.shape[0], k):
+            raise ValueError(f"routing replay: layer {active['layer']} asks top-{k} of {tuple(probs.shape)}, "
+                             f"the replayed routing has {tuple(ids.shape)}")
+        return torch.return_types.topk((probs.gather(-1, ids), ids))
+
+    def enter(index):
+        def pre_hook(_m, _args):
+            active.update(layer=index, ids=chosen[index])
+            torch.topk = replayed_topk
+        return pre_hook
+
+    def leave(_m, _args, _output):
+        torch.topk = original
+
+    for index, layer in enumerate(inner.layers):
+        router = _router(layer)
+        if router is not None and index in chosen:
+            handles += [router.register_forward_pre_hook(enter(index)), router.register_forward_hook(leave)]
+    missing = sorted(set(chosen) - {i for i, layer in enumerate(inner.layers) if _router(layer) is not None})
+    if missing:
+        raise ValueError(f"routing replay: layers {missing} are not MoE layers of this model")
+    try:
+        yield
+    finally:
+        torch.topk = original
+        for handle in handles:
+            handle.remove()

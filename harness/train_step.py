@@ -7,6 +7,7 @@ gradient of that global mean.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -111,7 +112,8 @@ def _mixed_precision(master, dtype: torch.dtype | None, compute_dtype: torch.dty
 
 
 def reference_step(model, batch: dict[str, torch.Tensor], steps: int = STEPS, warmup_zero_steps: int = 0,
-                   dtype: torch.dtype | None = None, compute_dtype: torch.dtype | None = None) -> dict[str, Any]:
+                   dtype: torch.dtype | None = None, compute_dtype: torch.dtype | None = None,
+                   routing: dict[int, dict[int, torch.Tensor]] | None = None) -> dict[str, Any]:
     """Plain torch: N AdamW steps on the whole batch. Returns losses, first-step grads and weights after step one.
 
     `model` (fp32) holds the weights AdamW updates: the master copy. dtype=torch.bfloat16 emulates
@@ -127,7 +129,12 @@ def reference_step(model, batch: dict[str, torch.Tensor], steps: int = STEPS, wa
     warmup_zero_steps emulates optimizers that initialise Adam's state with zero-gradient steps
     before training (DeepSpeed's FP16_UnfusedOptimizer.initialize_optimizer_states does one): each
     applies decoupled weight decay once and advances Adam's step count.
+
+    A MoE model's router decisions at every step come back as "routing" (routing_key tensors); `routing`
+    ({step: {layer: [B, S, k] expert ids}}, a trainer's own) replays them: each step's forward sends every
+    token to the trainer's experts, weighted by the reference's own router (capture.routing_forced).
     """
+    from .capture import routing_capture, routing_forced
     master = dict(model.named_parameters())
     compute = _mixed_precision(model, dtype, compute_dtype)
     compute_params = dict(compute.named_parameters())
@@ -141,7 +148,8 @@ def reference_step(model, batch: dict[str, torch.Tensor], steps: int = STEPS, wa
     # it matches a trainer whose micro-batch is the whole batch. The MoE specs set the coefficient to 0
     coefficient = aux_coefficient(model)
     aux: dict[str, float] = {}
-    losses, grads = [], {}
+    losses, grads, routed = [], {}, {}
+    moe = bool(moe_layer_ids(model))
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
         if compute is not model:
@@ -149,14 +157,18 @@ def reference_step(model, batch: dict[str, torch.Tensor], steps: int = STEPS, wa
             with torch.no_grad():  # this step's bf16 copy of the master weights (in compute_dtype)
                 for name, param in compute_params.items():
                     param.copy_(master[name].to(dtype or compute_dtype))
-        out = compute(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      **({"output_router_logits": True} if coefficient else {}))
+        store: dict[str, torch.Tensor] = {}
+        with routing_capture(compute, store) if moe else contextlib.nullcontext(), \
+                routing_forced(compute, routing[step]) if routing is not None else contextlib.nullcontext():
+            out = compute(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          **({"output_router_logits": True} if coefficient else {}))
+        routed.update((routing_key(step, key), tensor) for key, tensor in store.items())
         loss_sum, _ = loss_sum_and_count(out.logits, batch["labels"])
         loss = loss_sum / total
         if coefficient:  # the trainer's objective: CE + coefficient x each MoE layer's load-balancing loss
             layers = switch_aux_losses(out.router_logits, compute.config.num_experts_per_tok)
             if step == 0:
-                aux = {f"layers.{i}": float(v) for i, v in zip(_moe_layer_ids(compute), layers)}
+                aux = {f"layers.{i}": float(v) for i, v in zip(moe_layer_ids(compute), layers)}
             loss = loss + coefficient * torch.stack(layers).sum()
         loss.backward()
         losses.append(float(loss))
@@ -169,10 +181,27 @@ def reference_step(model, batch: dict[str, torch.Tensor], steps: int = STEPS, wa
         if step == 0:
             weights = first_update_weights(model.named_parameters())
     result = {"losses": losses, "grads": checkpoint_named(model, grads), "weights": checkpoint_named(model, weights)}
+    if moe:
+        result["routing"] = routed
     return {**result, "aux_losses": aux} if coefficient else result
 
 
-def _moe_layer_ids(model) -> list[int]:
+def routing_key(step: int, key: str) -> str:
+    """A train step's routing key: the routing file's (harness/checks/routing.py) with the step as prompt set."""
+    return f"step{step}/{key}"
+
+
+def replay_routing(tensors: dict[str, torch.Tensor]) -> dict[int, dict[int, torch.Tensor]]:
+    """{step: {layer: topk}} from a train routing file's tensors (routing_key names)."""
+    out: dict[int, dict[int, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        step, layer, kind = key.split("/")
+        if kind == "topk":
+            out.setdefault(int(step.removeprefix("step")), {})[int(layer.removeprefix("layers."))] = tensor
+    return out
+
+
+def moe_layer_ids(model) -> list[int]:
     """Global ids of the layers whose MLP returns router logits (HF's router_logits order)."""
     layers = model.model.layers
     return [i for i, layer in enumerate(layers) if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts")]
@@ -190,5 +219,8 @@ def save_train_result(result: dict[str, Any], out_dir: str) -> dict[str, Any]:
     save_file({k: v.contiguous() for k, v in result["weights"].items()}, str(out / "weights.safetensors"))
     # parameter_order: the producer's own order (the reference's is named_parameters(), the forward order)
     extra = {"aux_losses": result["aux_losses"]} if "aux_losses" in result else {}
+    if result.get("routing"):  # a MoE model's router decisions per step (routing_key names)
+        save_file(result["routing"], str(out / "routing.safetensors"))
+        extra["routing"] = str(out / "routing.safetensors")
     return {"losses": result["losses"], "grads": str(out / "grads.safetensors"),
             "weights": str(out / "weights.safetensors"), "parameter_order": list(result["grads"]), **extra}

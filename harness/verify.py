@@ -160,13 +160,16 @@ def _expected_bound(check: dict[str, Any], key: str, bound: dict[str, Any], spec
 
 def check_bounds(check: dict[str, Any], spec) -> None:
     """Every bound re-derived; a passed row re-judged against them."""
-    from .tolerances import expected_keys, needs_calibration
+    from .tolerances import OPTIONAL_KEYS, expected_keys, needs_calibration
 
     where = f"check {check['id']!r}"
     tolerance = check["tolerance"]
     if check["status"] != "passed":
         return
     keys = expected_keys(check["suite"], check["backend"], check["variant"])
+    optional = OPTIONAL_KEYS.get(check["suite"], ())
+    if keys is not None and optional and set(optional) <= set(tolerance):
+        keys = (*keys, *optional)
     if keys is not None and set(tolerance) != set(keys):
         absent, extra = sorted(set(keys) - set(tolerance)), sorted(set(tolerance) - set(keys))
         raise Invalid(f"{where} is passed without the bounds its suite judges "

@@ -16,13 +16,27 @@ def _sequences(ref_dir: str) -> list[list[int]]:
     return prompt_sets(vocab)["padded_batch"]
 
 
-def _reference(certify, model: str, dtype: str, warmup: int = 0, compute_dtype: str | None = None) -> dict:
-    """The reference step in `dtype`'s recipe (bf16: fp32 master weights), computed in compute_dtype (default dtype)."""
+def _reference(certify, model: str, dtype: str, warmup: int = 0, compute_dtype: str | None = None,
+               replay: str | None = None, replay_name: str = "", attention: str | None = None) -> dict:
+    """The reference step in `dtype`'s recipe (bf16: fp32 master weights), computed in compute_dtype (default
+    dtype); `replay`: a backend's train routing file, whose expert choices it follows (checks.train.REPLAY_RULE);
+    `attention`: another of HF's attention kernels (eager, for the noise floor)."""
     ref_dir = certify.reference_dir(model, "float32")
     compute = compute_dtype or dtype
+    name = f"train-ref-{dtype}-{compute}-w{warmup}-{attention or 'sdpa'}" + (f"-replay-{replay_name}" if replay else "")
     return certify.call(model, "hf", "train_reference", dir=ref_dir, dtype=dtype, sequences=_sequences(ref_dir),
-                        out_dir=str(certify.scratch(model) / f"train-ref-{dtype}-{compute}-w{warmup}"), steps=STEPS,
-                        warmup_zero_steps=warmup, compute_dtype=compute)
+                        out_dir=str(certify.scratch(model) / name), steps=STEPS,
+                        warmup_zero_steps=warmup, compute_dtype=compute, routing=replay, attention=attention)
+
+
+def _noise(certify, check, warmup: int, reference: dict, replay: str | None = None) -> list[tuple[dict, dict]]:
+    """bf16: what rounding does to the recipe, HF's default attention beside its eager one (checks.train.FACTOR)."""
+    def run(compute, attention=None):
+        return _reference(certify, check.model, check.dtype, warmup, compute, replay,
+                          check.short_id.replace("/", "-"), attention)
+
+    exact = run("float32")
+    return [(reference, exact), (run(None, "eager"), exact)]
 
 
 def _run_backend(certify, check) -> dict:
@@ -46,11 +60,19 @@ def _judge(certify, check, result):
     warmup = int(result.get("optimizer_warmup_steps", 0))
     # bf16: HF's emulation of the trainers' recipe (fp32 master weights, bf16 compute); the same recipe
     # computed in fp32 beside it calibrates the bounds (what bf16 rounding does to it)
+    bf16 = check.dtype != "float32"
     reference = _reference(certify, check.model, check.dtype, warmup)
-    noise = (reference, _reference(certify, check.model, check.dtype, warmup, compute_dtype="float32")) \
-        if check.dtype != "float32" else None
+    noise = _noise(certify, check, warmup, reference) if bf16 else None
+    own_routing = None
+    if reference.get("routing"):  # MoE: the backend's routing is judged, and replayed in bf16
+        own_routing = (noise[0][1]["routing"], reference["routing"]) if bf16 else (reference["routing"], None)
+        if bf16 and result.get("routing"):
+            reference = _reference(certify, check.model, check.dtype, warmup, None, result["routing"],
+                                   check.short_id.replace("/", "-"))
+            noise = _noise(certify, check, warmup, reference, result["routing"])
     where = " ".join(p for p in (check.variant, check.layout, check.dtype) if p)
-    verdict = train.evaluate(reference, result, check.dtype, certify.specs[check.model].tolerances, where, noise)
+    verdict = train.evaluate(reference, result, check.dtype, certify.specs[check.model].tolerances, where, noise,
+                             own_routing, _sequences(certify.reference_dir(check.model, "float32")))
     if warmup:
         verdict.metrics["reference_emulates"] = (
             f"{warmup} zero-gradient optimizer warm-up step(s) the backend takes before training "

@@ -143,8 +143,12 @@ def test_qwen2_moe_train_step_at_ep2(qwen2_moe):
     """EP2: the data-parallel ranks EP implies both run the batch (non-distributed optimizer). Loss, every
     first-step gradient and weight (experts gathered back to global ids) match the reference."""
     result = _train(qwen2_moe.mcore, qwen2_moe, 1, 1, 2)
-    verdict = train.evaluate(_reference(qwen2_moe), result, "float32", {}, "tp1pp1ep2", None)
+    reference = _reference(qwen2_moe)
+    verdict = train.evaluate(reference, result, "float32", {}, "tp1pp1ep2", None, (reference["routing"], None),
+                             qwen2_moe.prompts["padded_batch"])
     assert verdict.status == "passed", verdict.reason
+    # the router decisions of every step's forwards came back whole and equal HF's (fp32: every token)
+    assert verdict.metrics["routing_agreement"] == 1.0 and verdict.metrics["routing"]["replayed"] is False
     assert result["aux_losses"] == {}  # the spec trains with router_aux_loss_coef 0: nothing tracked
 
 
@@ -201,3 +205,36 @@ def test_gather_keeping_local_expert_ids_fails_train_naming_experts(qwen2_moe, t
     assert (f"grads: {prefix}0.linear_fc1.weight: given by ep ranks 0 and 1 (expert ids collide: "
             "local ids not renumbered to global?)") in verdict.reason
     assert any(p.endswith("no ep rank gave this expert") and f"{prefix}2." in p for p in result["gather_problems"])
+
+
+def _bf16_train_verdict(rig: Rig, template: str):
+    """The train suite's bf16 MoE judgement: the reference (and its noise runs) replay Megatron's routing."""
+    from harness.checks import train
+
+    run = rig.mcore.call("train", {"dir": rig.ref_dir, "dtype": "bfloat16", "tp": 1, "pp": 1, "ep": 1,
+                                   "sequences": rig.prompts["padded_batch"], "steps": STEPS, "template": template,
+                                   "out_dir": str(rig.tmp / f"train-bf16-{template}")}, timeout=600)
+
+    def reference(compute: str, attention: str | None = None, replay: str | None = None):
+        name = f"ref-bf16-{compute}-{attention}-{template if replay else 'own'}"
+        return rig.hf.call("train_reference", {"dir": rig.ref_dir, "dtype": "bfloat16", "steps": STEPS,
+                                               "sequences": rig.prompts["padded_batch"], "compute_dtype": compute,
+                                               "out_dir": str(rig.tmp / name), "attention": attention,
+                                               "routing": replay}, timeout=600)
+
+    own = (reference("float32")["routing"], reference("bfloat16")["routing"])
+    replayed, exact = reference("bfloat16", replay=run["routing"]), reference("float32", replay=run["routing"])
+    noise = [(replayed, exact), (reference("bfloat16", "eager", run["routing"]), exact)]
+    return train.evaluate(replayed, run, "bfloat16", {}, f"{template} bfloat16", noise, own,
+                          rig.prompts["padded_batch"])
+
+
+def test_bf16_train_with_routing_replay_passes_the_correct_template_and_fails_experts_exchanged(qwen2_moe):
+    """Megatron bf16 routes a near-tie or two differently from HF (each moves this batch's loss ~1e-2); with
+    the reference replaying Megatron's routing the correct template passes, exchanged experts still fail."""
+    good = _bf16_train_verdict(qwen2_moe, "qwen2_moe")
+    assert good.status == "passed", good.reason
+    assert good.metrics["routing"]["replayed"] is True and good.metrics["routing_agreement"] == 1.0
+    bad = _bf16_train_verdict(qwen2_moe, "qwen2_moe-experts-exchanged")
+    print(f"experts exchanged, bf16 train: {bad.reason[:300]}")
+    assert bad.status == "failed" and "loss differs" in bad.reason, bad.reason

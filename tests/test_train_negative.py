@@ -44,10 +44,10 @@ def _run(tmp: Path, spec_path: Path, backend: str, dtype: str = "float32", **arg
                                           "seed": 0, "dtype": "float32", "path": None})["dir"]
         seqs = prompt_sets(data["reference"]["config"]["vocab_size"])["padded_batch"]
 
-        def reference(compute_dtype: str):
+        def reference(compute_dtype: str, attention: str | None = None):
             return hf.call("train_reference", {"dir": ref_dir, "dtype": dtype, "sequences": seqs, "steps": STEPS,
-                                               "out_dir": str(tmp / f"ref-{compute_dtype}"),
-                                               "compute_dtype": compute_dtype})
+                                               "out_dir": str(tmp / f"ref-{compute_dtype}-{attention}"),
+                                               "compute_dtype": compute_dtype, "attention": attention})
 
         ref = reference(dtype)
         got = worker.call("train", {"dir": ref_dir, "dtype": dtype, "sequences": seqs, "steps": STEPS,
@@ -55,7 +55,9 @@ def _run(tmp: Path, spec_path: Path, backend: str, dtype: str = "float32", **arg
         if dtype == "float32":
             return train.judge(train.measure(ref, got), TOLERANCE, f"{backend} float32",
                                forward_order=ref.get("parameter_order"))
-        return train.evaluate(ref, got, dtype, {}, f"{backend} {dtype}", (ref, reference("float32")))
+        exact = reference("float32")
+        return train.evaluate(ref, got, dtype, {}, f"{backend} {dtype}",
+                              [(ref, exact), (reference(dtype, "eager"), exact)])
     finally:
         hf.close()
         worker.close()

@@ -1,6 +1,7 @@
 """One rank of a DeepSpeed case (spawned by the DeepSpeed backend; gloo on CPU, NCCL + one GPU per rank on cuda)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -82,14 +83,19 @@ def _train(engine, job, rank, world, torch, dist) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
     from safetensors.torch import save_file
 
-    from ..train_step import IGNORE, checkpoint_named, loss_sum_and_count
+    from ..capture import routing_capture
+    from ..train_step import IGNORE, checkpoint_named, loss_sum_and_count, moe_layer_ids, routing_key
 
     batch = trainer_batch(job["sequences"])
     total = int((batch["labels"] != IGNORE).sum())
     mine = _placed({k: v[rank::world] for k, v in batch.items()}, engine)  # this data-parallel rank's rows
-    losses, grads, warmup = [], {}, 0
+    losses, grads, warmup, routed = [], {}, 0, {}
+    moe = bool(moe_layer_ids(engine.module))
     for step in range(job["steps"]):
-        logits = engine(input_ids=mine["input_ids"], attention_mask=mine["attention_mask"]).logits
+        store: dict = {}
+        with routing_capture(engine.module, store) if moe else contextlib.nullcontext():
+            logits = engine(input_ids=mine["input_ids"], attention_mask=mine["attention_mask"]).logits
+        routed.update((routing_key(step, key), tensor) for key, tensor in store.items())
         loss_sum, _ = loss_sum_and_count(logits, mine["labels"])
         engine.backward(rank_loss(loss_sum, total, world))
         reported = loss_sum.detach().clone()
@@ -108,16 +114,39 @@ def _train(engine, job, rank, world, torch, dist) -> None:
                 full = safe_get_full_fp32_param(param)  # None for plain ZeRO-0 fp32: the param is the master copy
                 full = unfused.get(id(param)) if full is None else full
                 weights[name] = (param if full is None else full).detach().float().clone()
+    routing = _rows_in_order(routed, rank, world, len(batch["input_ids"]), dist) if moe else None
     if rank == 0:
         out = Path(job["out_dir"])
         out.mkdir(parents=True, exist_ok=True)
+        extra = {}
+        if routing:  # the router's decisions at every step, which a bf16 reference replays
+            save_file(routing, str(out / "routing.safetensors"))
+            extra["routing"] = str(out / "routing.safetensors")
         # the checkpoint's names (per-expert MoE tensors), as the reference and Megatron report them
         grads, weights = checkpoint_named(engine.module, grads), checkpoint_named(engine.module, weights)
         save_file({k: v.contiguous() for k, v in grads.items()}, str(out / "grads.safetensors"))
         save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "weights.safetensors"))
         (out / "result.json").write_text(json.dumps({"losses": losses, "grads": str(out / "grads.safetensors"),
                                                      "weights": str(out / "weights.safetensors"),
-                                                     "optimizer_warmup_steps": warmup}))
+                                                     "optimizer_warmup_steps": warmup, **extra}))
+
+
+def _rows_in_order(tensors: dict, rank: int, world: int, rows: int, dist) -> dict | None:
+    """Every rank's [own rows, S, *] tensors (rank r holds rows r, r + world, ...) as whole-batch tensors on
+    rank 0 (None elsewhere)."""
+    import torch
+
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(tensors, parts, dst=0)
+    if rank != 0:
+        return None
+    out = {}
+    for key, first in parts[0].items():
+        whole = first.new_zeros((rows, *first.shape[1:]))
+        for r, part in enumerate(parts):
+            whole[torch.arange(r, rows, world)] = part[key]
+        out[key] = whole
+    return out
 
 
 def _placed(batch: dict, engine) -> dict:

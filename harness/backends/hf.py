@@ -158,21 +158,27 @@ class HFBackend(Backend):
         return {"path": out_path}
 
     def op_train_reference(self, dir: str, dtype: str, sequences: list[list[int]], out_dir: str,  # noqa: A002
-                           steps: int, warmup_zero_steps: int = 0, compute_dtype: str | None = None) -> dict[str, Any]:
+                           steps: int, warmup_zero_steps: int = 0, compute_dtype: str | None = None,
+                           routing: str | None = None, attention: str | None = None) -> dict[str, Any]:
         """The plain-torch reference train step (AdamW), saved for the train-step checks.
 
         The checkpoint is loaded in fp32 (AdamW's master weights); dtype bfloat16 runs the trainers'
         mixed-precision recipe on it (harness.train_step.reference_step), compute_dtype float32 the
-        same recipe with forward and backward in fp32."""
+        same recipe with forward and backward in fp32; `routing` (a trainer's train routing file) replays
+        that trainer's expert choices at every step; `attention` another of HF's attention kernels (eager)."""
         import torch
+        from safetensors.torch import load_file
 
-        from ..train_step import make_batch, reference_step, save_train_result
+        from ..train_step import make_batch, reference_step, replay_routing, save_train_result
 
         torch_model = self._compute_model(dir, "float32")
+        if attention:
+            torch_model.set_attn_implementation(attention)
         torch_model.train()
         result = reference_step(torch_model, self._on_device(make_batch(sequences)), steps, warmup_zero_steps,
                                 dtype=getattr(torch, dtype),
-                                compute_dtype=getattr(torch, compute_dtype) if compute_dtype else None)
+                                compute_dtype=getattr(torch, compute_dtype) if compute_dtype else None,
+                                routing=replay_routing(load_file(routing)) if routing else None)
         return save_train_result(result, out_dir)
 
 

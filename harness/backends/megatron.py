@@ -195,6 +195,23 @@ class _SequenceParallelTorchNorm:
         return norm
 
 
+def _join_train_routing(out_dir: Path, length: int) -> str | None:
+    """The ranks' train routing files (train_routing_pp{p}_tp{t}, megatron_ranks._fit) as one file,
+    out_dir/train_routing.safetensors; None when no rank recorded any (a dense model)."""
+    from safetensors.torch import load_file, save_file
+
+    from .megatron_capture import join_train_routing
+
+    parts: dict[int, dict] = {}
+    for path in sorted(out_dir.glob("train_routing_pp*_tp*.safetensors")):
+        tp_rank = int(path.stem.rsplit("_tp", 1)[1])
+        parts.setdefault(tp_rank, {}).update(load_file(str(path)))
+    if not parts:
+        return None
+    save_file(join_train_routing(parts, length), str(out_dir / "train_routing.safetensors"))
+    return str(out_dir / "train_routing.safetensors")
+
+
 def _join_routing(dtype_dir: Path, pp: int) -> str:
     """The pipeline stages' router records (routing_stage{p}, each stage its own layers) as one file,
     dtype_dir/routing.safetensors; a stage that wrote none is an error naming it."""
@@ -385,6 +402,9 @@ class MegatronBackend(Backend):
         saved = save_train_result(result, f"{out_dir}/hf")
         aux = Path(out_dir) / "aux_losses.json"  # MoE: step 0's load-balancing terms (megatron_ranks._aux_losses)
         extra = json.loads(aux.read_text()) if aux.is_file() else {}
+        routing = _join_train_routing(Path(out_dir), max(map(len, sequences)))
+        if routing:  # MoE: the router's decisions at every step, which a bf16 reference replays
+            extra["routing"] = routing
         return {**saved, **extra, "conversion_problems": result["grads_conversion_problems"]}
 
     def op_refit_source(self, dir: str, dtype: str, tp: int, pp: int, sequences: list[list[int]],  # noqa: A002

@@ -109,12 +109,13 @@ def join(per_rank: dict[tuple[int, int], dict[str, torch.Tensor]], tp: int) -> d
 
 
 @contextlib.contextmanager
-def record_routing(model):
+def record_routing(model, history: bool = False):
     """Every MoE layer's router decisions in this stage's forwards: yields {global layer: {"logits": [T, E]
     float32, the gating linear's output before any score function, "topk": [T, k] int64, the global expert
     ids the router chose (its routing map), highest routing probability first}}, T = Megatron's tokens in
-    [seq, batch] order; each forward overwrites it (routing_points reorders it batch-major)."""
-    records: dict[int, dict[str, torch.Tensor]] = {}
+    [seq, batch] order (the rank's own sequence chunk when sequence-parallel); each forward overwrites it
+    (routing_points reorders it batch-major). history=True keeps every forward: {layer: [record, ...]}."""
+    records: dict = {}
     restore = []
     for layer in model.decoder.layers:
         router = getattr(layer.mlp, "router", None)
@@ -124,13 +125,17 @@ def record_routing(model):
 
         def recording_gating(inp, *args, i=index, gating=gating, **kwargs):
             logits = gating(inp, *args, **kwargs)
-            records[i] = {"logits": logits.detach().float().reshape(-1, logits.shape[-1]).cpu().clone()}
+            record = {"logits": logits.detach().float().reshape(-1, logits.shape[-1]).cpu().clone()}
+            if history:
+                records.setdefault(i, []).append(record)
+            else:
+                records[i] = record
             return logits
 
         def chosen(_m, _a, output, i=index, k=router.topk):
             probs, routing_map = output
             ids = probs.detach().float().masked_fill(~routing_map, float("-inf")).topk(k, dim=-1).indices
-            records[i]["topk"] = ids.cpu().to(torch.int64)
+            (records[i][-1] if history else records[i])["topk"] = ids.cpu().to(torch.int64)
 
         router.gating = recording_gating  # the instance attribute shadows the method Router.forward calls
         restore.append((router, router.register_forward_hook(chosen)))
@@ -153,3 +158,27 @@ def routing_points(records: dict, set_name: str, batch: int, length: int) -> dic
             out[f"{set_name}/layers.{layer}/{kind}"] = (
                 tensor.view(-1, batch, tensor.shape[-1]).transpose(0, 1)[:, :length].contiguous())
     return out
+
+
+def train_routing_points(records: dict, step: int, micro_batch: int) -> dict[str, torch.Tensor]:
+    """One train step's router decisions on one rank (records from record_routing(history=True), one entry per
+    micro-batch in forward order): "step{s}/mb{m}/layers.{L}/topk|logits" as [S_local, b, *] (Megatron's
+    [seq, batch] order; S_local: the rank's sequence chunk when sequence-parallel), joined by join_train_routing."""
+    out = {}
+    for layer, forwards in sorted(records.items()):
+        for m, rec in enumerate(forwards):
+            for kind in ("topk", "logits"):
+                out[f"step{step}/mb{m}/layers.{layer}/{kind}"] = rec[kind].view(-1, micro_batch, rec[kind].shape[-1])
+    return out
+
+
+def join_train_routing(parts: dict[int, dict[str, torch.Tensor]], length: int) -> dict[str, torch.Tensor]:
+    """The ranks' train routing ({TP rank: train_routing_points of every step, every stage's layers}) as one
+    train routing file (harness.train_step.routing_key names, [B, S, *] batch-major cut to `length`): TP ranks'
+    sequence chunks joined in rank order (one rank when not sequence-parallel), micro-batches in order."""
+    joined: dict[str, list] = {}
+    for key in sorted(parts[min(parts)], key=lambda k: int(k.split("/")[1].removeprefix("mb"))):
+        step, _mb, layer, kind = key.split("/")
+        whole = torch.cat([parts[t][key] for t in sorted(parts)], dim=0)  # [S, b, *]
+        joined.setdefault(f"{step}/{layer}/{kind}", []).append(whole.transpose(0, 1))
+    return {key: torch.cat(chunks, dim=0)[:, :length].contiguous() for key, chunks in joined.items()}

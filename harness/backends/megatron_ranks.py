@@ -281,7 +281,7 @@ def _main_weights(model, optimizer) -> dict:
     return weights
 
 
-def _fit(r: Rank, model, tc, dtype: str, steps: int, after_first_step=None):
+def _fit(r: Rank, model, tc, dtype: str, steps: int, after_first_step=None, routing: dict | None = None):
     """`steps` megatron-core train steps on the fixed batch; returns (losses, first-step grads).
 
     Each step: zero the gradient buffer, megatron-core's forward-backward schedule over
@@ -289,11 +289,14 @@ def _fit(r: Rank, model, tc, dtype: str, steps: int, after_first_step=None):
     TP-sharded logits, then the optimizer's step. `after_first_step(optimizer)` runs right after
     the first update (the train suite judges the weights there). Also returns a MoE model's step-0
     load-balancing losses (_aux_losses). Sequence-parallel (MoE under TP): the batch is right-padded to a
-    multiple of tp with masked labels."""
+    multiple of tp with masked labels. `routing` (a MoE model): filled with this rank's router decisions at
+    every step (megatron_capture.train_routing_points) where it records them: data-parallel rank 0, every TP
+    rank when sequence-parallel (each routes its own chunk of the sequence), else TP rank 0."""
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from ..train_step import IGNORE, MICROBATCHES, make_batch
+    from .megatron_capture import record_routing, train_routing_points
 
     torch = r.torch
     ddp, optimizer = _megatron_trainer(r, model, dtype)
@@ -327,12 +330,16 @@ def _fit(r: Rank, model, tc, dtype: str, steps: int, after_first_step=None):
 
     schedule = get_forward_backward_func()
     losses, grads, aux = [], {}, {}
+    records_routing = routing is not None and r.dp_rank == 0 and (tc.sequence_parallel or r.tp_rank == 0)
     for step in range(steps):
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        reported = schedule(forward_step_func=forward_step, data_iterator=iter(rows), model=[ddp],
-                            num_microbatches=MICROBATCHES, seq_length=ids.shape[1],
-                            micro_batch_size=len(rows[0]), forward_only=False)
+        with record_routing(model, history=True) if records_routing else contextlib.nullcontext({}) as records:
+            reported = schedule(forward_step_func=forward_step, data_iterator=iter(rows), model=[ddp],
+                                num_microbatches=MICROBATCHES, seq_length=ids.shape[1],
+                                micro_batch_size=len(rows[0]), forward_only=False)
+        if records_routing:
+            routing.update(train_routing_points(records, step, len(rows[0])))
         if r.last:
             total = torch.stack([d["lm loss"] for d in reported]).sum(0)
             losses.append(float(total[0] / total[1]))
@@ -389,12 +396,14 @@ def _train(r: Rank, shard) -> None:
     model, tc = r.build(dtype, shard, train=True)
     if model is None:
         return
-    weights = {}
+    weights, routing = {}, ({} if tc.num_moe_experts else None)
     # judged after the first update (see harness.train_step.first_update_weights)
     losses, grads, aux = _fit(r, model, tc, dtype, r.job["steps"],
-                              lambda optimizer: weights.update(_main_weights(model, optimizer)))
+                              lambda optimizer: weights.update(_main_weights(model, optimizer)), routing)
     save_file(grads, str(r.out / f"grads_{r.tag}.safetensors"))
     save_file(weights, str(r.out / f"weights_{r.tag}.safetensors"))
+    if routing:  # joined over the TP chunks and stages by the backend (megatron_capture.join_train_routing)
+        save_file(routing, str(r.out / f"train_routing_{r.capture_tag}.safetensors"))
     if r.last and r.writer:
         (r.out / "losses.json").write_text(json.dumps(losses))
         if tc.num_moe_experts:

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from ..tolerances import TRAIN_METRICS, Calibration, calibration_factor, resolve
+from ..tolerances import TRAIN_METRICS, Calibration, Tolerance, calibration_factor, resolve
 from ..verdict import Verdict, from_problems
 from .localize import first_diverging_gradient
 
@@ -101,22 +101,69 @@ def summary(m: dict[str, Any]) -> dict[str, float]:
 # CALIBRATION_FACTOR x HF's own rounding away from the recipe computed exactly.
 FACTOR = calibration_factor("train")
 CALIBRATION_METHOD = (f"{FACTOR:g} x (HF's bf16 emulation of the mixed-precision recipe vs the same recipe computed "
-                      "in fp32: fp32 master weights, the same bf16 weight copies)")
+                      "in fp32: fp32 master weights, the same bf16 weight copies), worst of HF's sdpa and eager "
+                      "attention (eager rounds attention probabilities to bf16, as megatron-core's unfused "
+                      "attention does)")
+
+
+def worst_noise(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, float]:
+    """Per metric, the largest difference any (bf16 run, fp32-computed run) pair shows."""
+    if not pairs:
+        raise ValueError("a bf16 train check needs the reference computed in bf16 and in fp32 to calibrate on")
+    runs = [summary(measure(*pair)) for pair in pairs]
+    return {key: max(run[key] for run in runs) for key in runs[0]}
 
 
 def evaluate(reference: dict[str, Any], result: dict[str, Any], dtype: str, spec_tolerances: dict, where: str,
-             noise: tuple[dict[str, Any], dict[str, Any]] | None = None) -> Verdict:
+             noise: list[tuple[dict[str, Any], dict[str, Any]]] | None = None,
+             own_routing: tuple[str, str | None] | None = None, sequences: list[list[int]] | None = None) -> Verdict:
     """A backend's train step against the torch reference of its recipe (bf16: HF's emulation, fp32 master
-    weights and bf16 compute); bf16: `noise` = (that reference, the same recipe computed in fp32), what
-    bf16 rounding does to the recipe (both the backend and the reference round: see FACTOR)."""
+    weights and bf16 compute); bf16: `noise` = [(that reference, the same recipe computed in fp32), (the
+    recipe with HF's eager attention, the same fp32 run)], what bf16 rounding does to the recipe (both the
+    backend and the reference round: see FACTOR).
+
+    A MoE model (REPLAY_RULE): `own_routing` = the routing files of the reference's own steps (truth; bf16:
+    the recipe computed in fp32, and the bf16 run beside it for the noise), `sequences` the batch; the
+    backend's routing at every step is judged against them like the routing suite's, and in bf16 `reference`
+    and `noise` are the runs that replayed the backend's routing."""
     calibration = None
     if dtype != "float32":
-        if noise is None:
-            raise ValueError("a bf16 train check needs the reference computed in bf16 and in fp32 to calibrate on")
-        calibration = Calibration(CALIBRATION_METHOD, summary(measure(*noise)), FACTOR)
-    verdict = judge(measure(reference, result), resolve(dtype, spec_tolerances, TRAIN_METRICS, calibration), where,
-                    forward_order=reference.get("parameter_order"))
+        calibration = Calibration(CALIBRATION_METHOD, worst_noise(noise or []), FACTOR)
+    tolerance = resolve(dtype, spec_tolerances, TRAIN_METRICS, calibration)
+    extra, extra_metrics = [], {}
+    if own_routing is not None:
+        routed = _routing_verdict(own_routing, result.get("routing"), sequences, dtype, spec_tolerances, where)
+        tolerance = Tolerance({**tolerance.records, **routed.tolerance.records})
+        extra = [routed.reason] if routed.status != "passed" else []
+        extra_metrics = {**{k: routed.metrics.get(k) for k in ("routing_agreement", "router_prob_diff_mean")},
+                         "routing": {**{k: v for k, v in routed.metrics.items() if k != "per_set"},
+                                     "replayed": dtype != "float32" and bool(result.get("routing")),
+                                     "rule": REPLAY_RULE}}
+    verdict = judge(measure(reference, result), tolerance, where, forward_order=reference.get("parameter_order"),
+                    extra_problems=extra)
+    verdict.metrics.update(extra_metrics)
     return verdict
+
+
+# Which experts a near-tie token goes to is each bf16 implementation's own (routing suite); one flipped
+# token moves a tiny batch's mean loss by ~1e-2 (one of 53 label tokens here), more than bf16's rounding
+# does. So, as RL trainers replay the rollout engine's routing (R3), the bf16 reference replays the
+# backend's: same experts, the reference's own router probabilities and gate values.
+REPLAY_RULE = ("the backend's expert choices at every step are judged against the reference's own "
+               "(routing suite rules: fp32 every token exact, bf16 the decisive tokens); in bf16 the reference "
+               "steps (and their fp32-computed noise run) then replay the backend's choices, so loss, gradients "
+               "and weights are compared under the same routing")
+
+
+def _routing_verdict(own: tuple[str, str | None], backend_routing: str | None, sequences, dtype: str,
+                     spec_tolerances: dict, where: str) -> Verdict:
+    from ..train_step import STEPS
+    from . import routing
+
+    truth, noisy = own
+    steps = {f"step{s}": sequences for s in range(STEPS)}  # the routing file's prompt sets are the steps
+    return routing.evaluate(truth, backend_routing, steps, dtype, spec_tolerances, f"{where} routing",
+                            noise_path=noisy)
 
 
 def localize(m: dict[str, Any], tolerance: dict[str, float], forward_order: list[str] | None) -> dict[str, Any]:
@@ -138,8 +185,8 @@ def localize(m: dict[str, Any], tolerance: dict[str, float], forward_order: list
 
 
 def judge(m: dict[str, Any], tolerance: dict[str, float], where: str, calibration: dict | None = None,
-          forward_order: list[str] | None = None) -> Verdict:
-    problems = [f"{where} {p}" for p in m["structural"]]
+          forward_order: list[str] | None = None, extra_problems: list[str] = ()) -> Verdict:
+    problems = [f"{where} {p}" for p in m["structural"]] + list(extra_problems)
     for step, diff in enumerate(m["loss_diffs"]):
         if not diff <= tolerance["max_loss_diff"]:
             problems.append(f"{where} step {step}: loss differs by {diff:.3g} > {tolerance['max_loss_diff']:.3g} "
