@@ -65,7 +65,8 @@ def _judge(certify, check, result):
     noise = _noise(certify, check, warmup, reference) if bf16 else None
     own_routing = None
     if reference.get("routing"):  # MoE: the backend's routing is judged, and replayed in bf16
-        own_routing = (noise[0][1]["routing"], reference["routing"]) if bf16 else (reference["routing"], None)
+        own_routing = (noise[0][1]["routing"], [run["routing"] for run, _ in noise]) if bf16 else \
+            (reference["routing"], None)
         if bf16 and result.get("routing"):
             reference = _reference(certify, check.model, check.dtype, warmup, None, result["routing"],
                                    check.short_id.replace("/", "-"))

@@ -222,7 +222,7 @@ def _bf16_train_verdict(rig: Rig, template: str):
                                                "out_dir": str(rig.tmp / name), "attention": attention,
                                                "routing": replay}, timeout=600)
 
-    own = (reference("float32")["routing"], reference("bfloat16")["routing"])
+    own = (reference("float32")["routing"], [reference("bfloat16", a)["routing"] for a in (None, "eager")])
     replayed, exact = reference("bfloat16", replay=run["routing"]), reference("float32", replay=run["routing"])
     noise = [(replayed, exact), (reference("bfloat16", "eager", run["routing"]), exact)]
     return train.evaluate(replayed, run, "bfloat16", {}, f"{template} bfloat16", noise, own,

@@ -257,14 +257,21 @@ def tolerance_for(dtype: str, spec_tolerances: dict, truth: dict, noisy: list[di
 
 def evaluate(truth_path: str, test_path, prompts: dict[str, list[list[int]]], dtype: str,
              spec_tolerances: dict, where: str, problems: list[str] | None = None,
-             noise_path=None) -> Verdict:
+             noise_path=None, judged_sets: list[str] | None = None) -> Verdict:
     """A backend's routing file(s) against HF fp32's (`noise_path`: HF's own routing in `dtype`, one file or
     several, for bf16);
-    `test_path` None or empty: the backend produced none, which fails."""
+    `test_path` None or empty: the backend produced none, which fails. `judged_sets`: calibrate and judge
+    only these prompt sets; every set must still be there, the others' agreement is shown (`shown_sets`)."""
     truth, bad = load(truth_path, "reference")
     noise_paths = [noise_path] if isinstance(noise_path, str) else list(noise_path or [])
     noisy = [load(path, "HF-bf16")[0] for path in noise_paths] if dtype != "float32" else None
-    tolerance, calibration, gaps = tolerance_for(dtype, spec_tolerances, truth, noisy, prompts)
+    judged = {n: seqs for n, seqs in prompts.items() if judged_sets is None or n in judged_sets}
+
+    def only_judged(runs: dict) -> dict:
+        return runs if judged_sets is None else {n: cells for n, cells in runs.items() if n in judged}
+
+    tolerance, calibration, gaps = tolerance_for(dtype, spec_tolerances, only_judged(truth),
+                                                 None if noisy is None else [only_judged(r) for r in noisy], judged)
     problems = list(problems or []) + [f"{where} {p}" for p in bad]
     if not test_path:
         return judge({}, tolerance, where, problems + ["the backend produced no routing"], calibration)
@@ -272,8 +279,14 @@ def evaluate(truth_path: str, test_path, prompts: dict[str, list[list[int]]], dt
     missing = coverage(truth, test, prompts) + bad
     if missing or problems:
         return judge({}, tolerance, where, problems + [f"{where} {p}" for p in missing], calibration)
-    per_set = compare(truth, test, prompts, gaps, dtype == "float32")
-    return judge(per_set, tolerance, where, [], calibration)
+    per_set = compare(truth, test, judged, gaps, dtype == "float32")
+    verdict = judge(per_set, tolerance, where, [], calibration)
+    shown = {n: seqs for n, seqs in prompts.items() if n not in judged}
+    if shown:
+        verdict.metrics["shown_sets"] = {name: {layer: {k: m[k] for k in ("agreement_all_tokens", "flips", "tokens")}
+                                                for layer, m in layers.items()}
+                                         for name, layers in compare(truth, test, shown, 0.0, True).items()}
+    return verdict
 
 
 def judge(per_set: dict, tolerance, where: str, problems: list[str] | None = None,

@@ -116,14 +116,14 @@ def worst_noise(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str,
 
 def evaluate(reference: dict[str, Any], result: dict[str, Any], dtype: str, spec_tolerances: dict, where: str,
              noise: list[tuple[dict[str, Any], dict[str, Any]]] | None = None,
-             own_routing: tuple[str, str | None] | None = None, sequences: list[list[int]] | None = None) -> Verdict:
+             own_routing: tuple[str, list[str] | None] | None = None, sequences: list[list[int]] | None = None) -> Verdict:
     """A backend's train step against the torch reference of its recipe (bf16: HF's emulation, fp32 master
     weights and bf16 compute); bf16: `noise` = [(that reference, the same recipe computed in fp32), (the
     recipe with HF's eager attention, the same fp32 run)], what bf16 rounding does to the recipe (both the
     backend and the reference round: see FACTOR).
 
     A MoE model (REPLAY_RULE): `own_routing` = the routing files of the reference's own steps (truth; bf16:
-    the recipe computed in fp32, and the bf16 run beside it for the noise), `sequences` the batch; the
+    the recipe computed in fp32, and the bf16 runs beside it for the noise), `sequences` the batch; the
     backend's routing at every step is judged against them like the routing suite's, and in bf16 `reference`
     and `noise` are the runs that replayed the backend's routing."""
     calibration = None
@@ -155,15 +155,17 @@ REPLAY_RULE = ("the backend's expert choices at every step are judged against th
                "and weights are compared under the same routing")
 
 
-def _routing_verdict(own: tuple[str, str | None], backend_routing: str | None, sequences, dtype: str,
+def _routing_verdict(own: tuple[str, list[str] | None], backend_routing: str | None, sequences, dtype: str,
                      spec_tolerances: dict, where: str) -> Verdict:
     from ..train_step import STEPS
     from . import routing
 
     truth, noisy = own
     steps = {f"step{s}": sequences for s in range(STEPS)}  # the routing file's prompt sets are the steps
+    # judged at step 0, the forward from the same weights; later steps route on weights each side updated
+    # itself (Adam moves near-zero-gradient elements +-lr by the sign of rounding noise): shown, and replayed
     return routing.evaluate(truth, backend_routing, steps, dtype, spec_tolerances, f"{where} routing",
-                            noise_path=noisy)
+                            noise_path=noisy, judged_sets=["step0"])
 
 
 def localize(m: dict[str, Any], tolerance: dict[str, float], forward_order: list[str] | None) -> dict[str, Any]:
