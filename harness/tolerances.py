@@ -35,6 +35,8 @@ DEFAULTS: dict[str, tuple[float, float, str]] = {
     "max_loss_diff": (1e-5, 5e-2, "|loss_backend - loss_reference| per step"),
     "max_grad_diff": (1e-5, 5e-2, "max |grad_backend - grad_reference|"),
     "max_weight_diff": (1e-5, 5e-2, "max |updated weight backend - reference|"),
+    "max_aux_loss_diff": (1e-5, 5e-2, "MoE: |load-balancing loss backend - reference| per layer at step 0, "
+                                      "before the coefficient"),
     # MoE routing (harness/checks/routing.py); bf16 bounds are calibrated, the bf16 column is never used
     "min_routing_agreement": (1.0, 0.95, "fraction of tokens (bf16: decisive tokens) whose top-k expert set equals "
                                          "the reference's, per MoE layer and prompt set (lower bound)"),
@@ -59,6 +61,7 @@ BOUND_METRICS: dict[str, tuple[str, bool]] = {
     "max_loss_diff": ("max_loss_diff", True),
     "max_grad_diff": ("max_grad_diff", True),
     "max_weight_diff": ("max_weight_diff", True),
+    "max_aux_loss_diff": ("max_aux_loss_diff", True),
     "min_routing_agreement": ("routing_agreement", False),
     "max_router_prob_diff_mean": ("router_prob_diff_mean", True),
 }
@@ -96,9 +99,11 @@ def expected_keys(suite: str, backend: str, variant: str = "") -> tuple[str, ...
     return None
 
 
-# bounds a suite's rows carry only for some models, all together: a MoE model's train step also judges
-# the routing of its forwards (harness/checks/train.py REPLAY_RULE)
-OPTIONAL_KEYS = {"train": ROUTING_METRICS}
+# bounds a suite's rows carry only for some models, each group all together: a MoE model's train step also
+# judges the routing of its forwards (harness/checks/train.py REPLAY_RULE) and, where the trainer adds it,
+# the load-balancing loss
+AUX_METRICS = ("max_aux_loss_diff",)
+OPTIONAL_KEYS = {"train": (ROUTING_METRICS, AUX_METRICS)}
 
 PARITY_SUITES = ("logits", "refit", "rollout", "train", "routing")
 

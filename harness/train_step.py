@@ -42,21 +42,51 @@ def loss_sum_and_count(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return F.cross_entropy(flat, target, ignore_index=IGNORE, reduction="sum"), int((target != IGNORE).sum())
 
 
-def switch_aux_losses(router_logits, topk: int, valid: torch.Tensor | None = None) -> list[torch.Tensor]:
+def switch_aux_losses(router_logits, topk: int, valid: torch.Tensor | None = None,
+                      chosen_ids: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """megatron-core's load-balancing loss per MoE layer, before its coefficient (what its aux-loss tracker logs):
     moe_utils.switch_load_balancing_loss_func on compute_routing_scores_for_aux_loss's scores, i.e.
     E / (k T^2) * sum_i (tokens routed to expert i) * (sum of expert i's softmax probabilities) over the T tokens
-    counted (`valid`: a [B, S] mask, megatron's padding_mask inverted; None = every token, as without one)."""
+    counted (`valid`: a [B, S] mask, megatron's padding_mask inverted; None = every token, as without one).
+    `chosen_ids` ([tokens, k] per layer): count these experts instead of the scores' own top-k (a replayed
+    trainer's routing: megatron-core counts the choices its own router made)."""
     out = []
-    for logits in router_logits:  # [tokens, experts] per MoE layer, batch-major
+    for i, logits in enumerate(router_logits):  # [tokens, experts] per MoE layer, batch-major
         scores = torch.softmax(logits.float(), dim=-1)
-        chosen = torch.zeros_like(scores).scatter(1, scores.topk(topk, dim=-1).indices, 1.0)
+        ids = scores.topk(topk, dim=-1).indices if chosen_ids is None else chosen_ids[i].reshape(-1, topk)
+        chosen = torch.zeros_like(scores).scatter(1, ids.to(scores.device), 1.0)
         if valid is not None:
             keep = valid.reshape(-1, 1).to(scores.dtype)
             scores, chosen = scores * keep, chosen * keep
         tokens = chosen.sum() / topk
         out.append((chosen.sum(0) * scores.sum(0)).sum() * scores.shape[-1] / (topk * tokens * tokens))
     return out
+
+
+def megatron_aux_objective(router_logits, topk: int, attention_mask: torch.Tensor, microbatches: int,
+                           label_tokens: int, chosen: list[torch.Tensor] | None = None
+                           ) -> tuple[torch.Tensor, list[float]]:
+    """megatron-core's load-balancing term as its schedule differentiates it (before the coefficient) and
+    the per-layer values its tracker logs. The batch's rows run as `microbatches` micro-batches; each
+    layer's switch loss is taken per micro-batch over its valid tokens (the padding mask the Megatron
+    ranks pass). Its gradient reaches the weights as sum over micro-batches of aux_m / (the batch's label
+    tokens): measured on megatron-core 0.16.1 with calculate_per_token_loss (first-step gradients equal to
+    1e-7 at coefficient 0.01; weighting each micro-batch by its token count, as the router's comment on
+    valid_token_count reads, is 20 x off). Logged: the mean over micro-batches, per layer."""
+    rows = torch.arange(attention_mask.shape[0]).tensor_split(microbatches)
+    b, s = attention_mask.shape
+    objective, logged = 0.0, []
+    for i, logits in enumerate(router_logits):  # [b * s, E] per MoE layer, batch-major
+        per_row = logits.reshape(b, s, -1)
+        values = []
+        for part in rows:
+            valid = attention_mask[part].bool()
+            ids = None if chosen is None else [chosen[i][part]]  # [b, s, k] replayed experts
+            (value,) = switch_aux_losses([per_row[part].reshape(-1, per_row.shape[-1])], topk, valid, ids)
+            objective = objective + value / label_tokens
+            values.append(value)
+        logged.append(float(torch.stack(values).mean()))
+    return objective, logged
 
 
 def aux_coefficient(model) -> float:
@@ -113,7 +143,8 @@ def _mixed_precision(master, dtype: torch.dtype | None, compute_dtype: torch.dty
 
 def reference_step(model, batch: dict[str, torch.Tensor], steps: int = STEPS, warmup_zero_steps: int = 0,
                    dtype: torch.dtype | None = None, compute_dtype: torch.dtype | None = None,
-                   routing: dict[int, dict[int, torch.Tensor]] | None = None) -> dict[str, Any]:
+                   routing: dict[int, dict[int, torch.Tensor]] | None = None,
+                   aux_microbatches: int = 0) -> dict[str, Any]:
     """Plain torch: N AdamW steps on the whole batch. Returns losses, first-step grads and weights after step one.
 
     `model` (fp32) holds the weights AdamW updates: the master copy. dtype=torch.bfloat16 emulates
@@ -133,6 +164,9 @@ def reference_step(model, batch: dict[str, torch.Tensor], steps: int = STEPS, wa
     A MoE model's router decisions at every step come back as "routing" (routing_key tensors); `routing`
     ({step: {layer: [B, S, k] expert ids}}, a trainer's own) replays them: each step's forward sends every
     token to the trainer's experts, weighted by the reference's own router (capture.routing_forced).
+    aux_microbatches > 0 adds the MoE load-balancing loss (router_aux_loss_coef) as megatron-core's schedule
+    does over that many micro-batches, and reports step 0's per-layer values ("aux_losses"); 0: the
+    cross-entropy alone (a trainer that adds no such term, as the DeepSpeed ranks).
     """
     from .capture import routing_capture, routing_forced
     master = dict(model.named_parameters())
@@ -144,9 +178,9 @@ def reference_step(model, batch: dict[str, torch.Tensor], steps: int = STEPS, wa
             param.grad = torch.zeros_like(param)
         optimizer.step()
     total = int((batch["labels"] != IGNORE).sum())
-    # the MoE aux objective over the whole batch, every token counted (megatron-core without a padding mask);
-    # it matches a trainer whose micro-batch is the whole batch. The MoE specs set the coefficient to 0
-    coefficient = aux_coefficient(model)
+    # the load-balancing term in the objective only where the trainer adds it (aux_microbatches: Megatron's
+    # schedule, megatron_aux_objective); losses are reported as the cross-entropy, as the trainers log it
+    coefficient = aux_coefficient(model) if aux_microbatches else 0.0
     aux: dict[str, float] = {}
     losses, grads, routed = [], {}, {}
     moe = bool(moe_layer_ids(model))
@@ -165,12 +199,15 @@ def reference_step(model, batch: dict[str, torch.Tensor], steps: int = STEPS, wa
         routed.update((routing_key(step, key), tensor) for key, tensor in store.items())
         loss_sum, _ = loss_sum_and_count(out.logits, batch["labels"])
         loss = loss_sum / total
+        objective = loss
         if coefficient:  # the trainer's objective: CE + coefficient x each MoE layer's load-balancing loss
-            layers = switch_aux_losses(out.router_logits, compute.config.num_experts_per_tok)
+            replayed = None if routing is None else [routing[step][i] for i in moe_layer_ids(compute)]
+            term, logged = megatron_aux_objective(out.router_logits, compute.config.num_experts_per_tok,
+                                                  batch["attention_mask"], aux_microbatches, total, replayed)
             if step == 0:
-                aux = {f"layers.{i}": float(v) for i, v in zip(moe_layer_ids(compute), layers)}
-            loss = loss + coefficient * torch.stack(layers).sum()
-        loss.backward()
+                aux = {f"layers.{i}": v for i, v in zip(moe_layer_ids(compute), logged)}
+            objective = loss + coefficient * term
+        objective.backward()
         losses.append(float(loss))
         if compute is not model:
             for name, param in compute_params.items():

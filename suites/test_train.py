@@ -5,7 +5,7 @@ from pathlib import Path
 from fixtures.prompts import prompt_sets
 from harness.checks import train
 from harness.plugin import conclude
-from harness.train_step import STEPS
+from harness.train_step import MICROBATCHES, STEPS
 from harness.verdict import from_problems
 
 SUITE = "train"
@@ -17,23 +17,31 @@ def _sequences(ref_dir: str) -> list[list[int]]:
 
 
 def _reference(certify, model: str, dtype: str, warmup: int = 0, compute_dtype: str | None = None,
-               replay: str | None = None, replay_name: str = "", attention: str | None = None) -> dict:
+               replay: str | None = None, replay_name: str = "", attention: str | None = None,
+               aux_microbatches: int = 0) -> dict:
     """The reference step in `dtype`'s recipe (bf16: fp32 master weights), computed in compute_dtype (default
     dtype); `replay`: a backend's train routing file, whose expert choices it follows (checks.train.REPLAY_RULE);
     `attention`: another of HF's attention kernels (eager, for the noise floor)."""
     ref_dir = certify.reference_dir(model, "float32")
     compute = compute_dtype or dtype
-    name = f"train-ref-{dtype}-{compute}-w{warmup}-{attention or 'sdpa'}" + (f"-replay-{replay_name}" if replay else "")
+    name = f"train-ref-{dtype}-{compute}-w{warmup}-{attention or 'sdpa'}-aux{aux_microbatches}" + \
+        (f"-replay-{replay_name}" if replay else "")
     return certify.call(model, "hf", "train_reference", dir=ref_dir, dtype=dtype, sequences=_sequences(ref_dir),
-                        out_dir=str(certify.scratch(model) / name), steps=STEPS,
-                        warmup_zero_steps=warmup, compute_dtype=compute, routing=replay, attention=attention)
+                        out_dir=str(certify.scratch(model) / name), steps=STEPS, warmup_zero_steps=warmup,
+                        compute_dtype=compute, routing=replay, attention=attention, aux_microbatches=aux_microbatches)
+
+
+def _aux_microbatches(check) -> int:
+    """Who adds the MoE load-balancing loss: megatron-core's schedule over its micro-batches; the DeepSpeed
+    ranks train on the cross-entropy alone (0)."""
+    return MICROBATCHES if check.backend == "megatron" else 0
 
 
 def _noise(certify, check, warmup: int, reference: dict, replay: str | None = None) -> list[tuple[dict, dict]]:
     """bf16: what rounding does to the recipe, HF's default attention beside its eager one (checks.train.FACTOR)."""
     def run(compute, attention=None):
         return _reference(certify, check.model, check.dtype, warmup, compute, replay,
-                          check.short_id.replace("/", "-"), attention)
+                          check.short_id.replace("/", "-"), attention, _aux_microbatches(check))
 
     exact = run("float32")
     return [(reference, exact), (run(None, "eager"), exact)]
@@ -61,7 +69,8 @@ def _judge(certify, check, result):
     # bf16: HF's emulation of the trainers' recipe (fp32 master weights, bf16 compute); the same recipe
     # computed in fp32 beside it calibrates the bounds (what bf16 rounding does to it)
     bf16 = check.dtype != "float32"
-    reference = _reference(certify, check.model, check.dtype, warmup)
+    aux = _aux_microbatches(check)
+    reference = _reference(certify, check.model, check.dtype, warmup, aux_microbatches=aux)
     noise = _noise(certify, check, warmup, reference) if bf16 else None
     own_routing = None
     if reference.get("routing"):  # MoE: the backend's routing is judged, and replayed in bf16
@@ -69,7 +78,7 @@ def _judge(certify, check, result):
             (reference["routing"], None)
         if bf16 and result.get("routing"):
             reference = _reference(certify, check.model, check.dtype, warmup, None, result["routing"],
-                                   check.short_id.replace("/", "-"))
+                                   check.short_id.replace("/", "-"), aux_microbatches=aux)
             noise = _noise(certify, check, warmup, reference, result["routing"])
     where = " ".join(p for p in (check.variant, check.layout, check.dtype) if p)
     verdict = train.evaluate(reference, result, check.dtype, certify.specs[check.model].tolerances, where, noise,

@@ -238,3 +238,30 @@ def test_bf16_train_with_routing_replay_passes_the_correct_template_and_fails_ex
     bad = _bf16_train_verdict(qwen2_moe, "qwen2_moe-experts-exchanged")
     print(f"experts exchanged, bf16 train: {bad.reason[:300]}")
     assert bad.status == "failed" and "loss differs" in bad.reason, bad.reason
+
+
+def test_load_balancing_loss_trains_and_logs_as_megatron_core_does(qwen2_moe, tmp_path):
+    """router_aux_loss_coef 0.01: megatron-core adds the switch loss per micro-batch over valid tokens (the
+    padding mask the ranks pass), its gradient sum_m aux_m / label tokens (train_step.megatron_aux_objective);
+    the reference emulates it, and step 0's logged values are judged beside loss, grads and weights."""
+    spec = yaml.safe_load((REPO / "model_specs" / "qwen2_moe.yaml").read_text())
+    config = {**spec["reference"]["config"], "router_aux_loss_coef": 0.01}
+    ref_dir = qwen2_moe.hf.call("materialize", {"model_type": "qwen2_moe", "overrides": config, "seed": 0,
+                                                "dtype": "float32", "path": None})["dir"]
+    seqs = qwen2_moe.prompts["padded_batch"]
+    result = qwen2_moe.mcore.call("train", {"dir": ref_dir, "dtype": "float32", "tp": 1, "pp": 1, "ep": 2,
+                                            "sequences": seqs, "steps": STEPS, "template": "qwen2_moe",
+                                            "out_dir": str(tmp_path / "mcore")}, timeout=600)
+    reference = qwen2_moe.hf.call("train_reference", {"dir": ref_dir, "dtype": "float32", "sequences": seqs,
+                                                      "steps": STEPS, "out_dir": str(tmp_path / "ref"),
+                                                      "aux_microbatches": 2}, timeout=600)
+    verdict = train.evaluate(reference, result, "float32", {}, "aux tp1pp1ep2", None, (reference["routing"], None),
+                             seqs)
+    assert verdict.status == "passed", verdict.reason
+    assert verdict.metrics["max_aux_loss_diff"] < 1e-5 and verdict.metrics["max_grad_diff"] < 1e-5
+    assert set(result["aux_losses"]) == {"layers.0", "layers.1"} and result["aux_loss_coeff"] == 0.01
+    # the cross-entropy alone (what the DeepSpeed ranks train on) is a different gradient: visible
+    plain = qwen2_moe.hf.call("train_reference", {"dir": ref_dir, "dtype": "float32", "sequences": seqs,
+                                                  "steps": STEPS, "out_dir": str(tmp_path / "ref-ce")}, timeout=600)
+    wrong = train.evaluate(plain, result, "float32", {}, "ce-only reference", None)
+    assert wrong.status == "failed" and "mlp.gate.weight" in wrong.reason, wrong.reason

@@ -94,3 +94,31 @@ def test_the_judge_fails_routing_that_differs_or_is_missing_and_passes_it_equal(
     assert bad.status == "failed" and "routing" in bad.reason and "layers.1" in bad.reason, bad.reason
     missing = _judged(moe, "float32", None, saved, own)
     assert missing.status == "failed" and "no routing" in missing.reason, missing.reason
+
+
+def test_a_load_balancing_loss_that_counts_padding_or_is_missing_fails_naming_the_layer(moe):
+    """The aux judge on its own: megatron-core's values over the valid tokens (the padding mask) pass; the same
+    loss over every position (a trainer that passes no padding mask) and a trainer that logs none fail."""
+    from transformers import AutoModelForCausalLM
+
+    from harness.train_step import megatron_aux_objective, switch_aux_losses
+
+    folder, seqs, _ = moe
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    batch = make_batch(seqs)
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
+    _, logged = megatron_aux_objective(out.router_logits, 2, batch["attention_mask"], 2, 53)
+    reference = {"aux_losses": {f"layers.{i}": v for i, v in enumerate(logged)}}
+    b, s = batch["attention_mask"].shape
+    halves = torch.arange(b).tensor_split(2)
+    padded = {f"layers.{i}": float(sum(switch_aux_losses([lg.reshape(b, s, -1)[p].reshape(-1, lg.shape[-1])], 2)[0]
+                                       for p in halves) / 2) for i, lg in enumerate(out.router_logits)}
+    tolerance, problems, metrics = train._aux_judgement(reference, {"aux_losses": dict(reference["aux_losses"])},
+                                                        "float32", {}, "test", None)
+    assert problems == [] and metrics["max_aux_loss_diff"] == 0.0
+    _, problems, metrics = train._aux_judgement(reference, {"aux_losses": padded}, "float32", {}, "test", None)
+    assert problems and "load-balancing loss differs" in problems[0] and metrics["max_aux_loss_diff"] > 1e-3
+    _, problems, _ = train._aux_judgement(reference, {"aux_losses": {}}, "float32", {}, "test", None)
+    assert problems == ["test layers.0: the backend logged no load-balancing loss",
+                        "test layers.1: the backend logged no load-balancing loss"]

@@ -159,13 +159,15 @@ class HFBackend(Backend):
 
     def op_train_reference(self, dir: str, dtype: str, sequences: list[list[int]], out_dir: str,  # noqa: A002
                            steps: int, warmup_zero_steps: int = 0, compute_dtype: str | None = None,
-                           routing: str | None = None, attention: str | None = None) -> dict[str, Any]:
+                           routing: str | None = None, attention: str | None = None,
+                           aux_microbatches: int = 0) -> dict[str, Any]:
         """The plain-torch reference train step (AdamW), saved for the train-step checks.
 
         The checkpoint is loaded in fp32 (AdamW's master weights); dtype bfloat16 runs the trainers'
         mixed-precision recipe on it (harness.train_step.reference_step), compute_dtype float32 the
         same recipe with forward and backward in fp32; `routing` (a trainer's train routing file) replays
-        that trainer's expert choices at every step; `attention` another of HF's attention kernels (eager)."""
+        that trainer's expert choices at every step; `attention` another of HF's attention kernels (eager);
+        aux_microbatches: the MoE load-balancing term as megatron-core adds it (train_step.reference_step)."""
         import torch
         from safetensors.torch import load_file
 
@@ -178,7 +180,8 @@ class HFBackend(Backend):
         result = reference_step(torch_model, self._on_device(make_batch(sequences)), steps, warmup_zero_steps,
                                 dtype=getattr(torch, dtype),
                                 compute_dtype=getattr(torch, compute_dtype) if compute_dtype else None,
-                                routing=replay_routing(load_file(routing)) if routing else None)
+                                routing=replay_routing(load_file(routing)) if routing else None,
+                                aux_microbatches=aux_microbatches)
         return save_train_result(result, out_dir)
 
 

@@ -306,6 +306,7 @@ def _fit(r: Rank, model, tc, dtype: str, steps: int, after_first_step=None, rout
     ids, positions, mask = (t.to(r.device) for t in _causal_batch(seqs, multiple))
     labels = _pad_to(make_batch(seqs)["labels"], multiple, IGNORE).to(r.device)
     loss_mask = labels != IGNORE
+    padding = _moe_padding_mask(r, tc, seqs, multiple)
     targets = labels.masked_fill(~loss_mask, 0)  # any id: masked positions are multiplied by 0
     rows = torch.arange(len(seqs), device=r.device).tensor_split(MICROBATCHES)
     if len({len(part) for part in rows}) != 1:
@@ -314,7 +315,8 @@ def _fit(r: Rank, model, tc, dtype: str, steps: int, after_first_step=None, rout
     def forward_step(data_iterator, stage):
         part = next(data_iterator)
         # parallel_output: this TP rank's slice of the vocabulary (the last stage's logits)
-        output = stage(ids[part], positions[part], mask[part], runtime_gather_output=False)
+        output = stage(ids[part], positions[part], mask[part], runtime_gather_output=False,
+                       **({"padding_mask": padding[part]} if padding is not None else {}))
 
         def loss_func(logits):
             # vocab_parallel_cross_entropy modifies its input in place (as in megatron-core's own GPT
@@ -354,6 +356,22 @@ def _fit(r: Rank, model, tc, dtype: str, steps: int, after_first_step=None, rout
     return losses, grads, aux
 
 
+def _moe_padding_mask(r: Rank, tc, seqs: list[list[int]], multiple: int):
+    """A MoE model's padding mask for megatron-core's router ([b, s], True = padding: the batch's right padding
+    and the sequence-parallel fill), so its load-balancing loss counts the valid tokens, as the reference's
+    does; None for a dense model. GPTModel scatters it over the sequence-parallel ranks on the first stage
+    only, so a later stage gets this TP rank's chunk of the sequence already."""
+    from ..train_step import make_batch
+
+    if not tc.num_moe_experts:
+        return None
+    padding = _pad_to(make_batch(seqs)["attention_mask"] == 0, multiple, True)
+    if tc.sequence_parallel and not r.first:
+        chunk = padding.shape[1] // r.tp
+        padding = padding[:, r.tp_rank * chunk: (r.tp_rank + 1) * chunk]
+    return padding.to(r.device)
+
+
 def _moe_layers(tc) -> list[int]:
     """Global indices of the sparse layers (TransformerConfig.moe_layer_freq: every N-th, or a 0/1 list)."""
     freq = tc.moe_layer_freq
@@ -365,10 +383,10 @@ def _aux_losses(r: Rank, tc) -> dict:
     """The step's load-balancing loss per MoE layer from megatron-core's tracker, as Megatron-LM logs it
     (reduce_aux_losses_tracker_across_ranks: summed over stages and over the TP/sequence shards a router saw,
     averaged over data-parallel ranks; then times 1/num_microbatches): the mean over the MICROBATCHES
-    micro-batches of switch_load_balancing_loss on that micro-batch's tokens, padding positions included,
+    micro-batches of switch_load_balancing_loss on that micro-batch's valid tokens (_moe_padding_mask),
     BEFORE the coefficient (the tracker stores aux_loss / coeff). Clears the tracker. A coefficient of 0
     computes none: {}. The objective megatron-core differentiates adds, per micro-batch, coeff * that loss,
-    scaled by the micro-batch's token count (padding included) over the batch's label tokens
+    over the batch's label tokens (train_step.megatron_aux_objective, measured)
     (calculate_per_token_loss); the reported train losses are the cross-entropy alone ("lm loss")."""
     from megatron.core.transformer.moe import moe_utils
 

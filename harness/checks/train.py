@@ -139,10 +139,44 @@ def evaluate(reference: dict[str, Any], result: dict[str, Any], dtype: str, spec
                          "routing": {**{k: v for k, v in routed.metrics.items() if k != "per_set"},
                                      "replayed": dtype != "float32" and bool(result.get("routing")),
                                      "rule": REPLAY_RULE}}
+    if reference.get("aux_losses"):  # a trainer that adds the load-balancing loss (the reference emulates it)
+        aux_tolerance, aux_problems, aux_metrics = _aux_judgement(reference, result, dtype, spec_tolerances, where,
+                                                                  noise)
+        tolerance = Tolerance({**tolerance.records, **aux_tolerance.records})
+        extra, extra_metrics = extra + aux_problems, {**extra_metrics, **aux_metrics}
     verdict = judge(measure(reference, result), tolerance, where, forward_order=reference.get("parameter_order"),
                     extra_problems=extra)
     verdict.metrics.update(extra_metrics)
     return verdict
+
+
+AUX_METHOD = (f"{FACTOR:g} x (the per-layer load-balancing loss of HF's bf16 emulation vs the same recipe computed "
+              "in fp32), worst of HF's sdpa and eager attention")
+
+
+def _aux_difference(a: dict[str, float], b: dict[str, float]) -> float:
+    return max(abs(a[layer] - b[layer]) for layer in a)
+
+
+def _aux_judgement(reference, result, dtype, spec_tolerances, where, noise):
+    """Step 0's load-balancing loss per MoE layer (before the coefficient) against the reference's."""
+    from ..tolerances import AUX_METRICS
+
+    ref, got = reference["aux_losses"], result.get("aux_losses") or {}
+    calibration = None if dtype == "float32" else Calibration(
+        AUX_METHOD, {"max_aux_loss_diff": max(_aux_difference(a["aux_losses"], b["aux_losses"]) for a, b in noise)},
+        FACTOR)
+    tolerance = resolve(dtype, spec_tolerances, AUX_METRICS, calibration)
+    problems = [f"{where} {layer}: the backend logged no load-balancing loss" for layer in sorted(set(ref) - set(got))]
+    problems += [f"{where} {layer}: a load-balancing loss for a layer the reference does not route"
+                 for layer in sorted(set(got) - set(ref))]
+    metrics = {"aux_losses": {"reference": ref, "backend": got, "coefficient": result.get("aux_loss_coeff")}}
+    if not problems:
+        metrics["max_aux_loss_diff"] = diff = _aux_difference(ref, got)
+        if not diff <= tolerance["max_aux_loss_diff"]:
+            problems.append(f"{where} step 0: load-balancing loss differs by {diff:.3g} > "
+                            f"{tolerance['max_aux_loss_diff']:.3g} (reference {ref}, backend {got})")
+    return tolerance, problems, metrics
 
 
 # Which experts a near-tie token goes to is each bf16 implementation's own (routing suite); one flipped
