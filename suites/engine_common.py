@@ -30,10 +30,20 @@ def _load(path: str) -> dict:
 def routing_reference(certify, model: str, dtype: str, prompts: dict, attention: str | None = None) -> str:
     """HF's routing of the fp32 reference checkpoint run in `dtype` (fp32 = truth, bf16 = noise), once."""
     ref_dir = certify.reference_dir(model, "float32")
-    out = certify.scratch(model) / f"hf-routing-{dtype}{'-' + attention if attention else ''}.safetensors"
-    extra = {"attention": attention} if attention else {}
+    suffix, extra = kernel(attention)
+    out = certify.scratch(model) / f"hf-routing-{dtype}{suffix}.safetensors"
     return certify.call(model, "hf", "routing", dir=ref_dir, dtype=dtype, prompts=prompts, out_path=str(out),
                         **extra)["path"]
+
+
+def kernel(attention: str | None) -> tuple[str, dict]:
+    """(file-name suffix, call arguments) of an HF run with another attention kernel than its default."""
+    return (f"-{attention}", {"attention": attention}) if attention else ("", {})
+
+
+def noise_attentions(certify, model: str) -> tuple[str | None, ...]:
+    """HF's bf16 noise runs: its default attention, and for an MoE model eager as well (logits.NOISE_RUNS_RULE)."""
+    return (None, "eager") if is_moe(certify.specs[model]) else (None,)
 
 
 def routing_ties(certify, model: str, dtype: str, prompts: dict):
@@ -52,19 +62,22 @@ def with_tie_count(verdict, ties):
     return verdict
 
 
-def greedy_reference(certify, model: str, dtype: str, prompts: dict) -> dict:
-    """HF's greedy continuation + full-vocab log-probs of the fp32 reference checkpoint run in `dtype`."""
+def greedy_reference(certify, model: str, dtype: str, prompts: dict, attention: str | None = None) -> dict:
+    """HF's greedy continuation + full-vocab log-probs of the fp32 reference checkpoint run in `dtype`
+    (`attention`: another of HF's kernels, a second noise run)."""
     ref_dir = certify.reference_dir(model, "float32")
-    out = certify.scratch(model) / f"hf-greedy-{dtype}.safetensors"
+    suffix, extra = kernel(attention)
+    out = certify.scratch(model) / f"hf-greedy-{dtype}{suffix}.safetensors"
     path = certify.call(model, "hf", "greedy_reference", dir=ref_dir, dtype=dtype, prompts=prompts,
-                        max_new_tokens=MAX_NEW_TOKENS, out_path=str(out))["path"]
+                        max_new_tokens=MAX_NEW_TOKENS, out_path=str(out), **extra)["path"]
     return _load(path)
 
 
 def judge_record(certify, check, record_path: str, prompts: dict, where: str, problems=()):
     """An engine record against HF fp32's greedy reference (bf16: calibrated on HF's own bf16 run)."""
     truth = greedy_reference(certify, check.model, "float32", prompts)
-    noisy = greedy_reference(certify, check.model, check.dtype, prompts) if check.dtype != "float32" else None
+    noisy = [greedy_reference(certify, check.model, check.dtype, prompts, attention)
+             for attention in noise_attentions(certify, check.model)] if check.dtype != "float32" else None
     ties = routing_ties(certify, check.model, check.dtype, prompts)
     return with_tie_count(engine_logits.evaluate(truth, noisy, engine_record.load(record_path), prompts, check.dtype,
                                                  certify.specs[check.model].tolerances, where, list(problems),

@@ -1,7 +1,7 @@
-"""Weight sync (refit), the RL invariant: after one train step the trainer's live weights reach the running
+"""Weight sync (refit), the RL invariant: after its train steps the trainer's live weights reach the running
 engine in buckets, and the engine's prompt logprobs must then equal the trainer's own after that step.
 
-Per layout: the Megatron worker (tp, pp ranks) takes one step on the train suite's fixed batch, gathers
+Per layout: the Megatron worker (tp, pp ranks) takes REFIT_STEPS steps on the train suite's fixed batch, gathers
 its live parameters and converts them with the template's Megatron->HF direction, as ROLL's sync does;
 the engine (dummy-initialised first) receives them in buckets of spec.refit.bucket_bytes through its
 in-place reload path. Judged by harness/checks/refit.py.
@@ -15,6 +15,7 @@ from fixtures.prompts import prompt_sets
 from harness import engine_record
 from harness.backends import backend_class
 from harness.checks import refit
+from harness.train_step import STEPS
 from harness.plugin import conclude
 from harness.verdict import Verdict, from_problems
 from suites import engine_common, localization
@@ -22,14 +23,19 @@ from suites import engine_common, localization
 SUITE = "refit"
 TRAINER = "megatron"  # harness/plan.py plans refit only where the spec trains with Megatron
 TRAIN_SET = "padded_batch"  # the train suite's fixed batch (suites/test_train.py _sequences)
+# The train suite's steps, not one: the step must move the log-probs past the bf16 bounds (the refit's
+# observability guard), and an MoE model's bounds carry routing flips (logits.NOISE_RUNS_RULE). Measured, tiny
+# mixtral bf16: one step moved the mean |Δlogprob| by 0.22 under a bound of 0.25, three steps by 0.39.
+REFIT_STEPS = STEPS
 
 
-def _hf_logprobs(certify, model: str, dtype: str, prompts: dict) -> dict:
+def _hf_logprobs(certify, model: str, dtype: str, prompts: dict, attention: str | None = None) -> dict:
     """HF's prompt log-probs of the reference checkpoint in `dtype` (the logits suite's very call)."""
     ref_dir = certify.reference_dir(model, "float32")
-    out = certify.scratch(model) / f"hf-{dtype}.safetensors"
+    suffix, extra = engine_common.kernel(attention)
+    out = certify.scratch(model) / f"hf-{dtype}{suffix}.safetensors"
     return load(certify.call(model, "hf", "logprobs", dir=ref_dir, dtype=dtype, prompts=prompts,
-                             out_path=str(out))["path"])
+                             out_path=str(out), **extra)["path"])
 
 
 def _judge(certify, check, spec) -> Verdict:
@@ -37,20 +43,22 @@ def _judge(certify, check, spec) -> Verdict:
     vocab = json.loads((Path(ref_dir) / "config.json").read_text())["vocab_size"]
     prompts = prompt_sets(vocab)
     layout = next(lay for lay in spec.parallel if lay.id == check.layout)
-    noisy = _hf_logprobs(certify, check.model, check.dtype, prompts) if check.dtype != "float32" else None
+    noisy = [_hf_logprobs(certify, check.model, check.dtype, prompts, attention)
+             for attention in engine_common.noise_attentions(certify, check.model)] if check.dtype != "float32" else None
     truth = _hf_logprobs(certify, check.model, "float32", prompts) if noisy is not None else None
     ties = engine_common.routing_ties(certify, check.model, check.dtype, prompts)
     tolerance, calibration, margins = refit.tolerance_for(check.dtype, spec.tolerances, truth, noisy, prompts, ties)
     out = certify.scratch(check.model) / f"refit-{check.dtype}-{check.layout}"
     source = certify.call(check.model, TRAINER, "refit_source", dir=ref_dir, dtype=check.dtype, tp=layout.tp,
-                          pp=layout.pp, ep=layout.ep, sequences=prompts[TRAIN_SET], prompts=prompts, out_dir=str(out))
+                          pp=layout.pp, ep=layout.ep, sequences=prompts[TRAIN_SET], prompts=prompts, out_dir=str(out),
+                          steps=REFIT_STEPS)
     if source.get("load_problems"):  # the template's forward direction produced shards Megatron cannot load
         return from_problems(source["load_problems"], {}, tolerance, what="converted shards that do not load")
     sync = certify.call(check.model, check.backend, "refit", dir=ref_dir, dtype=check.dtype, prompts=prompts,
                         top_k=engine_common.top_k(vocab), max_new_tokens=engine_common.MAX_NEW_TOKENS,
                         weights=source["weights"], bucket_bytes=spec.refit.bucket_bytes,
                         out_path=f"{out}-{check.backend}.json")
-    where = f"after refit from {check.layout} {check.dtype} ({TRAINER} trainer, one train step)"
+    where = f"after refit from {check.layout} {check.dtype} ({TRAINER} trainer, {REFIT_STEPS} train steps)"
     verdict = refit.evaluate(engine_record.load(sync["path"]), engine_record.load(sync["dummy_path"]),
                              load(source["logprobs"]), load(source["pre_step_logprobs"]), prompts, tolerance,
                              margins, where, sync, [f"conversion: {p}" for p in source["conversion_problems"]],

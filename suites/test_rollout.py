@@ -6,7 +6,7 @@ from fixtures.prompts import prompt_sets
 from harness.checks import rollout
 from harness.plan import parse_rollout_variant
 from harness.plugin import conclude
-from suites import localization
+from suites import engine_common, localization
 
 SUITE = "rollout"
 
@@ -23,8 +23,10 @@ def _cells(spec, config: dict, on_gpu: bool) -> list[dict]:
             for n in dict.fromkeys(lengths) for b in batches]
 
 
-def _scores(certify, model: str, trainer: str, dtype: str, sequences: list[list[int]], tag: str):
-    """The trainer's full-vocabulary log-probs (temperature 1) of the sampled sequences."""
+def _scores(certify, model: str, trainer: str, dtype: str, sequences: list[list[int]], tag: str,
+            attention: str | None = None):
+    """The trainer's full-vocabulary log-probs (temperature 1) of the sampled sequences (`attention`: another of
+    HF's kernels, a second noise run)."""
     from safetensors.torch import load_file
 
     spec = certify.specs[model]
@@ -32,8 +34,9 @@ def _scores(certify, model: str, trainer: str, dtype: str, sequences: list[list[
     prompts = {"rollout": sequences}
     out = certify.scratch(model) / f"rollout-{trainer}-{dtype}-{tag}"
     if trainer == "hf":
+        suffix, extra = engine_common.kernel(attention)
         path = certify.call(model, "hf", "logprobs", dir=ref_dir, dtype=dtype, prompts=prompts,
-                            out_path=f"{out}.safetensors")["path"]
+                            out_path=f"{out}{suffix}.safetensors", **extra)["path"]
     else:
         extra = {"tp": spec.parallel[0].tp, "pp": spec.parallel[0].pp} if trainer == "megatron" else {}
         run = certify.call(model, trainer, "logprobs", dir=ref_dir, dtypes=[dtype], prompts=prompts,
@@ -64,8 +67,8 @@ def test_rollout(check, certify, request):
         tag = f"{check.backend}-t{temperature:g}"
         scales = spec.rollout.trainer_scales_by_temperature
 
-        def score(who, dtype):
-            return rollout.trainer_token_logprobs(_scores(certify, check.model, who, dtype, sequences, tag),
+        def score(who, dtype, attention=None):
+            return rollout.trainer_token_logprobs(_scores(certify, check.model, who, dtype, sequences, tag, attention),
                                                   samples, temperature, scales)
 
         bf16 = check.dtype != "float32"
@@ -74,6 +77,7 @@ def test_rollout(check, certify, request):
         box["verdict"] = rollout.evaluate(
             cells, samples, [s.get("logprobs", []) for s in samples], score(trainer, check.dtype), check.dtype,
             spec.tolerances, where, problems, hf_truth=score("hf", "float32") if bf16 else None,
-            hf_noisy=score("hf", check.dtype) if bf16 else None)
+            hf_noisy=[score("hf", check.dtype, attention) for attention in engine_common.noise_attentions(
+                certify, check.model)] if bf16 else None)
         localization.elsewhere(check, box["verdict"])
     conclude(request, certify, check, box["verdict"], box["seconds"])

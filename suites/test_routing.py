@@ -10,12 +10,10 @@ from pathlib import Path
 from fixtures.prompts import prompt_sets
 from harness.checks import routing
 from harness.plugin import conclude
+from suites.engine_common import noise_attentions
 from suites.engine_common import routing_reference as reference
 
 SUITE = "routing"
-
-
-NOISE_ATTENTION = (None, "eager")  # HF's default kernel first (it sets the near-tie gaps), then eager
 
 
 def _megatron(certify, check, spec, ref_dir: str, prompts: dict) -> tuple[list[str] | None, list[str]]:
@@ -46,7 +44,7 @@ def test_routing(check, certify, request):
             paths, problems = _vllm(certify, check, ref_dir, prompts)
         else:
             paths, problems = _megatron(certify, check, spec, ref_dir, prompts)
-        noise = [reference(certify, check.model, check.dtype, prompts, attention) for attention in NOISE_ATTENTION] \
+        noise = [reference(certify, check.model, check.dtype, prompts, attention) for attention in noise_attentions(certify, check.model)] \
             if check.dtype != "float32" else None
         where = " ".join(p for p in (check.layout, check.dtype) if p)
         box["verdict"] = routing.evaluate(reference(certify, check.model, "float32", prompts), paths, prompts,

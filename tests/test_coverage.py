@@ -230,3 +230,23 @@ def test_a_routing_near_tie_token_is_judged_at_the_largest_noise_of_any_set():
     assert float(routed["b"][1, 2]) == pytest.approx(2 * 2 * 0.5) and float(plain["b"][1, 2]) < 1e-3
     untouched = ~ties["b"]
     assert torch.equal(routed["b"][untouched], plain["b"][untouched]) and torch.equal(routed["a"], plain["a"])
+
+
+def test_an_moe_models_bf16_bounds_are_the_worst_of_hfs_noise_runs():
+    """logits.NOISE_RUNS_RULE: which near-tie tokens flip is each bf16 run's own, so an MoE model calibrates on
+    HF's sdpa and eager runs; each metric takes its worst run, and the margins come from the first."""
+    truth = _full()
+    sdpa, eager = ({k: v.clone() for k, v in truth.items()} for _ in range(2))
+    sdpa["a"][0, 1] += 0.01
+    eager["b"][1, 2] += 0.3  # a flip only the eager run has
+    margins = logits.min_margins(PROMPTS, truth, sdpa)
+    one = logits.noise_calibration(truth, sdpa, PROMPTS, margins, "m")
+    both = logits.noise_calibration(truth, [sdpa, eager], PROMPTS, margins, "m")
+    assert both.noise["max_abs_logprob"] == pytest.approx(0.3, rel=1e-5)
+    assert one.noise["max_abs_logprob"] == pytest.approx(0.01, rel=1e-4)
+    assert logits.NOISE_RUNS_RULE in both.method and logits.NOISE_RUNS_RULE not in one.method
+    lower = logits.worst_of_runs([{"top1_agreement": 0.9, "max_abs_logprob": None},
+                                  {"top1_agreement": 0.8, "max_abs_logprob": 0.2}])
+    assert lower["top1_agreement"] == 0.8 and lower["max_abs_logprob"] == 0.2  # a run with no value does not count
+    with pytest.raises(ValueError, match="no noise run"):
+        logits.worst_of_runs([])

@@ -40,12 +40,14 @@ class Rig:
         self.prompts = prompt_sets(vocab)
         self._hf: dict[str, str] = {}
 
-    def hf_logprobs(self, dtype: str) -> str:
-        if dtype not in self._hf:
-            out = self.tmp / f"hf-{Path(self.ref_dir).name}-{dtype}.safetensors"
-            self._hf[dtype] = self.hf.call("logprobs", {"dir": self.ref_dir, "dtype": dtype, "prompts": self.prompts,
-                                                        "out_path": str(out)})["path"]
-        return self._hf[dtype]
+    def hf_logprobs(self, dtype: str, attention: str | None = None) -> str:
+        if (dtype, attention) not in self._hf:
+            out = self.tmp / f"hf-{Path(self.ref_dir).name}-{dtype}-{attention or 'sdpa'}.safetensors"
+            extra = {"attention": attention} if attention else {}
+            self._hf[dtype, attention] = self.hf.call("logprobs", {"dir": self.ref_dir, "dtype": dtype,
+                                                                   "prompts": self.prompts, "out_path": str(out),
+                                                                   **extra})["path"]
+        return self._hf[dtype, attention]
 
     @property
     def reference(self) -> str:

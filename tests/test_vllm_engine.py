@@ -10,6 +10,8 @@ checks it does not touch passing:
   (the refit sync's own faults, a lost bucket and a stale pre-step sync: tests/test_refit_sync.py)
   llama + an out-of-tree class rotating GPT-J style          -> logits fail, registration says out-of-tree
   qwen2 + an out-of-tree class that skips q/k/v biases on load -> logits fail
+  mixtral (fp32 and bf16) + an out-of-tree class exchanging layer 0's experts 0 and 1 -> logits fail in both,
+      while the correct mixtral passes logits and routing in both (bf16: logits.NOISE_RUNS_RULE)
 """
 from __future__ import annotations
 
@@ -164,3 +166,27 @@ def test_general_plugins_entry_point_registers_spec_classes_in_a_multiprocess_en
     _, loaded, _, parent = line.split()
     name, pid = loaded.split("@")
     assert name == "MarkedQwen2" and pid != parent, line
+
+
+def test_an_moe_engine_class_exchanging_two_experts_fails_logits_in_fp32_and_bf16(make_spec, run_certify):
+    """bf16 MoE bounds take the worst of HF's sdpa and eager runs (logits.NOISE_RUNS_RULE): the correct mixtral
+    passes both dtypes (also its routing), and an engine that computes expert 1 where its router picks expert 0
+    still fails logits in both."""
+    mixtral = yaml.safe_load((REPO / "model_specs" / "mixtral.yaml").read_text())
+    common = {"hf_model_type": "mixtral", "plugins": mixtral["plugins"], "reference": mixtral["reference"],
+              "dtypes": ["float32", "bfloat16"], "backends": {"train": [], "infer": ["hf", "vllm"]}}
+    good = make_spec(base_spec("mixtral-good", **common), filename="good.yaml")
+    bad = make_spec(base_spec("mixtral-exchanged", engines={"vllm": {"plugins": ["vllm_mixtral_experts_exchanged.py"]}},
+                              **common), files={"vllm_mixtral_experts_exchanged.py":
+                                                (BUGS / "vllm_mixtral_experts_exchanged.py").read_text()},
+                    filename="bad.yaml")
+    run = run_certify("--model-spec", str(good), "--model-spec", str(bad), *VLLM, "-k", "logits or routing",
+                      timeout=1200)
+    ok, broken = _statuses(run, "mixtral-good"), _statuses(run, "mixtral-exchanged")
+    for dtype in ("float32", "bfloat16"):
+        assert ok[f"logits/vllm/{dtype}"][0] == "passed", ok
+        assert ok[f"routing/vllm/{dtype}"][0] == "passed", ok
+        assert broken[f"logits/vllm/{dtype}"][0] == "failed", broken
+    row = next(c for c in run.certificate("mixtral-good")["checks"] if c["id"] == "mixtral-good/logits/vllm/bfloat16")
+    method = row["tolerance"]["mean_abs_logprob"]["calibration"]["method"]
+    assert "eager" in method, method

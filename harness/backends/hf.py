@@ -37,6 +37,14 @@ class HFBackend(Backend):
         model, _ = self._load(directory, dtype)
         return model.to(self._torch_device()) if self._cuda else model
 
+    def _eval_model(self, directory: str, dtype: str, attention: str | None = None):
+        """The model for a forward-only operation; `attention`: another of HF's attention kernels than its
+        default (eager: a second bf16 noise run, see suites/engine_common.noise_attentions)."""
+        model = self._compute_model(directory, dtype)
+        if attention:
+            model.set_attn_implementation(attention)
+        return model.eval()
+
     @property
     def _cuda(self) -> bool:
         return getattr(self, "device", "cpu") == "cuda"
@@ -82,14 +90,14 @@ class HFBackend(Backend):
                 "config_keys_changed": config_diff}
 
     def op_logprobs(self, dir: str, dtype: str, prompts: dict[str, list[list[int]]],  # noqa: A002
-                    out_path: str) -> dict[str, Any]:
+                    out_path: str, attention: str | None = None) -> dict[str, Any]:
         """Full-vocabulary log-probabilities per prompt set ([batch, seq, vocab], right-padded)."""
         import torch
         from safetensors.torch import save_file
 
-        model = self._compute_model(dir, dtype)
-        model.eval()
         from ..train_step import make_batch
+
+        model = self._eval_model(dir, dtype, attention)
 
         outputs = {}
         with torch.no_grad():
@@ -124,14 +132,10 @@ class HFBackend(Backend):
         HF's attention kernels than its default, for the bf16 noise floor)."""
         from ..capture import routing_file
 
-        model = self._compute_model(dir, dtype)
-        if attention:
-            model.set_attn_implementation(attention)
-        model.eval()
-        return routing_file(model, prompts, out_path, self._on_device)
+        return routing_file(self._eval_model(dir, dtype, attention), prompts, out_path, self._on_device)
 
     def op_greedy_reference(self, dir: str, dtype: str, prompts: dict[str, list[list[int]]],  # noqa: A002
-                            max_new_tokens: int, out_path: str) -> dict[str, Any]:
+                            max_new_tokens: int, out_path: str, attention: str | None = None) -> dict[str, Any]:
         """Per sequence: HF's greedy continuation and full-vocabulary log-probs along prompt + continuation.
 
         Saved as "<set>/<i>" [prompt+new, vocab] and "<set>/<i>/generated" [new]; what engine records
@@ -140,8 +144,7 @@ class HFBackend(Backend):
         import torch
         from safetensors.torch import save_file
 
-        model = self._compute_model(dir, dtype)
-        model.eval()
+        model = self._eval_model(dir, dtype, attention)
         device = self._torch_device()
         tensors = {}
         with torch.no_grad():

@@ -409,14 +409,14 @@ class MegatronBackend(Backend):
 
     def op_refit_source(self, dir: str, dtype: str, tp: int, pp: int, sequences: list[list[int]],  # noqa: A002
                         prompts: dict[str, list[list[int]]], out_dir: str,
-                        template: str | None = None, ep: int = 1) -> dict[str, Any]:
+                        template: str | None = None, ep: int = 1, steps: int = 1) -> dict[str, Any]:
         """The trainer side of an RL weight sync, as ROLL's Megatron strategy performs it.
 
-        tp*pp ranks take ONE train step on the train suite's fixed batch; the live post-step
+        tp*pp ranks take `steps` train steps on the train suite's fixed batch; the live post-step
         parameters of every rank are gathered (TP shards joined, PP stages renumbered) and converted
         with the template's Megatron->HF direction into one HF-named file, in send order. Beside it:
-        the trainer's own full-vocabulary log-probs on the prompt sets after the step (what the engine
-        must reproduce) and before it (to show the step is visible at all)."""
+        the trainer's own full-vocabulary log-probs on the prompt sets after the steps (what the engine
+        must reproduce) and before them (to show the steps are visible at all)."""
         import json
 
         from ..convert import dist
@@ -426,7 +426,7 @@ class MegatronBackend(Backend):
         sync = "pre-step" if fault and fault["kind"] == "pre-step" else "post-step"
         template_obj, view, layout, mca_state, report, load_problems = self._run_ranks(dir, template, tp, pp, {
             "mode": "refit_source", "dtype": dtype, "sequences": sequences, "prompts": prompts,
-            "out_dir": out_dir, "sync": sync, "ep": ep})
+            "out_dir": out_dir, "sync": sync, "ep": ep, "steps": steps})
         if load_problems:  # a converter bug in the forward direction: judged as a failure naming the tensors
             return {"load_problems": load_problems}
         shards = dist.load_rank_shards(out_dir, "live_", layout)  # whichever rank files exist

@@ -7,7 +7,7 @@ loads the shard tagged with its (pp, tp, ep) ranks (names and shapes the convert
 reported, named), then either runs the prompt sets forward
 (mode "logprobs": the last stage writes log-probabilities), trains on the fixed batch (mode
 "train": loss per step, first-step gradients and updated weights per rank), or is the source of
-a weight sync (mode "refit_source": log-probs before and after one train step, and the live
+a weight sync (mode "refit_source": log-probs before and after its train steps, and the live
 post-step parameters of every rank, which the backend gathers and converts as ROLL's sync does).
 Training runs megatron-core's own stack: DistributedDataParallel + DistributedOptimizer (fp32 main
 weights and gradients), the forward-backward schedule of get_forward_backward_func over
@@ -431,12 +431,12 @@ def _train(r: Rank, shard) -> None:
 
 
 def _refit_source(r: Rank, shard) -> None:
-    """The trainer side of an RL weight sync: one train step, then what the engine must reproduce.
+    """The trainer side of an RL weight sync: job["steps"] train steps, then what the engine must reproduce.
 
     Writes the prompt log-probs before and after the step (last stage) and each rank's live
     parameters after the step (`live_<tag>`), which the backend gathers like ROLL's sync does.
     job["sync"] == "pre-step" is the planted fault of harness/convert/refit.py: the parameters
-    are captured before the optimizer step (a stale copy synced)."""
+    are captured before the optimizer steps (a stale copy synced)."""
     from safetensors.torch import save_file
 
     dtype = r.job["dtype"]
@@ -445,7 +445,7 @@ def _refit_source(r: Rank, shard) -> None:
         return
     before = _prompt_logprobs(r, model, tc, dtype)
     stale = _live(model) if r.job.get("sync") == "pre-step" else None
-    losses, _, _ = _fit(r, model, tc, dtype, 1)
+    losses, _, _ = _fit(r, model, tc, dtype, r.job.get("steps", 1))
     after = _prompt_logprobs(r, model, tc, dtype)
     save_file(stale if stale is not None else _live(model), str(r.out / f"live_{r.tag}.safetensors"))
     if before:

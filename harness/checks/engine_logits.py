@@ -214,11 +214,13 @@ def noise_calibration(truth: dict[str, torch.Tensor], noisy: dict[str, torch.Ten
                       prompts: dict[str, list[list[int]]], top_k: int, factor: float, routing_ties=None):
     """HF's own greedy run in bf16 judged against HF fp32 the way an engine's record is (HF-bf16's path is its own)."""
     from ..tolerances import Calibration
-    from .logits import worst
+    from .logits import noise_runs, runs_method, worst, worst_of_runs
 
-    margins = row_margins(prompts, truth, noisy, factor, routing_ties)
-    noise = worst(compare(record_from_reference(noisy, prompts, top_k), truth, margins), ENGINE_BOUNDS)
-    return Calibration(f"{factor:g} x HF-bf16 vs HF-fp32 noise in the same metrics", noise, factor)
+    runs = noise_runs(noisy)
+    margins = row_margins(prompts, truth, runs[0], factor, routing_ties)
+    noise = worst_of_runs([worst(compare(record_from_reference(run, prompts, top_k), truth, margins), ENGINE_BOUNDS)
+                           for run in runs], ENGINE_BOUNDS)
+    return Calibration(runs_method(f"{factor:g} x HF-bf16 vs HF-fp32 noise in the same metrics", runs), noise, factor)
 
 
 def evaluate(truth: dict[str, torch.Tensor], noisy: dict[str, torch.Tensor] | None, record: dict[str, Any],
@@ -227,7 +229,7 @@ def evaluate(truth: dict[str, torch.Tensor], noisy: dict[str, torch.Tensor] | No
     """An engine record against HF fp32's greedy reference; `noisy` (HF's own greedy run in `dtype`) calibrates bf16
     (`routing_ties`: an MoE model's routing near-tie tokens, see logits.MARGIN_RULE)."""
     from ..tolerances import CALIBRATION_FACTOR, resolve
-    from .logits import judge
+    from .logits import judge, noise_runs
 
     factor = factor or CALIBRATION_FACTOR
     calibration = None
@@ -240,5 +242,6 @@ def evaluate(truth: dict[str, torch.Tensor], noisy: dict[str, torch.Tensor] | No
         verdict = judge({}, tolerance, where, problems + [f"{where} {p}" for p in missing], bounds=ENGINE_BOUNDS)
         verdict.metrics["non_finite_sets"] = non_finite_sets(record, prompts)
         return verdict
-    return judge(compare(record, truth, row_margins(prompts, truth, noisy, factor, routing_ties)), tolerance, where,
+    first = noise_runs(noisy)[0] if noisy is not None else None
+    return judge(compare(record, truth, row_margins(prompts, truth, first, factor, routing_ties)), tolerance, where,
                  bounds=ENGINE_BOUNDS)

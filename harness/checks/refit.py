@@ -184,7 +184,7 @@ def tolerance_for(dtype: str, spec_tolerances: dict, truth=None, noisy=None, pro
         return resolve(dtype, spec_tolerances, LOGIT_METRICS), None, logits.min_margins(prompts, truth, None)
     if truth is None or noisy is None:
         raise ValueError(f"{dtype} refit bounds are calibrated: HF's fp32 and {dtype} prompt log-probs are needed")
-    margins = logits.min_margins(prompts, truth, noisy, BOTH_SIDES_FACTOR, routing_ties)
+    margins = logits.min_margins(prompts, truth, logits.noise_runs(noisy)[0], BOTH_SIDES_FACTOR, routing_ties)
     calibration = logits.noise_calibration(
         truth, noisy, prompts, margins,
         "2 x 2 x HF-bf16 vs HF-fp32 on the prompt positions (trainer and engine both bf16)", BOTH_SIDES_FACTOR)

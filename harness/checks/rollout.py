@@ -93,17 +93,19 @@ def compare(samples: list[dict], engine: list[list[float]], trainer: list[list[f
 
 def evaluate(cells: list[dict], samples: list[dict], engine: list[list[float]], trainer: list[list[float]],
              dtype: str, spec_tolerances: dict, where: str, problems: list[str] | None = None,
-             hf_truth: list[list[float]] | None = None, hf_noisy: list[list[float]] | None = None):
-    """Engine vs trainer on the sampled tokens; bf16 bounds from HF-bf16 vs HF-fp32 on these very tokens."""
-    from .logits import judge, worst
+             hf_truth: list[list[float]] | None = None, hf_noisy: list[list[list[float]]] | None = None):
+    """Engine vs trainer on the sampled tokens; bf16 bounds from HF-bf16 vs HF-fp32 on these very tokens
+    (`hf_noisy`: HF's bf16 scoring runs, one or an MoE model's several: logits.NOISE_RUNS_RULE)."""
+    from .logits import judge, runs_method, worst, worst_of_runs
 
     calibration = None
     if dtype != "float32":
-        if hf_truth is None or hf_noisy is None:
+        if hf_truth is None or not hf_noisy:
             raise ValueError("a bf16 rollout check needs HF's fp32 and bf16 scores of the same tokens")
-        noise = worst(compare(samples, hf_truth, hf_noisy), ROLLOUT_BOUNDS)
-        calibration = Calibration(f"{BOTH_SIDES_FACTOR:g} x HF-bf16 vs HF-fp32 on the sampled tokens "
-                                  "(both sides bf16)", noise, BOTH_SIDES_FACTOR)
+        runs = list(hf_noisy)
+        noise = worst_of_runs([worst(compare(samples, hf_truth, run), ROLLOUT_BOUNDS) for run in runs], ROLLOUT_BOUNDS)
+        calibration = Calibration(runs_method(f"{BOTH_SIDES_FACTOR:g} x HF-bf16 vs HF-fp32 on the sampled tokens "
+                                              "(both sides bf16)", runs), noise, BOTH_SIDES_FACTOR)
     tolerance = resolve(dtype, spec_tolerances, ROLLOUT_METRICS, calibration)
     missing = coverage(cells, samples, engine, trainer)
     problems = list(problems or []) + [f"{where}: {p}" for p in missing]
