@@ -154,7 +154,7 @@ def _expected_bound(check: dict[str, Any], key: str, bound: dict[str, Any], spec
     if "calibration" in bound:
         evidence = bound["calibration"]
         calibration = Calibration(evidence["method"], {bound["metric"]: evidence["noise"]},
-                                  calibration_factor(check["suite"]))
+                                  calibration_factor(check["suite"], key))
     return record(key, check["dtype"] or "float32", spec.tolerances, calibration)
 
 

@@ -316,3 +316,18 @@ def test_tolerance_rule_is_conservative():
     assert tolerance_violations(_check({"roundtrip_max_abs_diff": 1.0}, {"roundtrip_max_abs_diff": 0.0})) == []
     # NaN never satisfies a bound
     assert tolerance_violations(_check({"max_abs_diff": math.nan}, {"roundtrip_max_abs_diff": 0.0}))
+
+
+def test_a_train_rows_routing_bounds_are_re_derived_at_the_routing_suites_factor():
+    """An MoE train row judges its routing by the routing suite's rules (2 x HF-bf16's routing noise) while
+    its loss/grad/weight bounds are 4 x: verify re-derives each at its own factor."""
+    from harness.spec import load_spec, spec_path_for
+    from harness.tolerances import Calibration, record
+    from harness.verify import _expected_bound
+
+    spec = load_spec(spec_path_for("qwen2_moe"))
+    check = {"suite": "train", "dtype": "bfloat16"}
+    for key, noise, factor in (("max_router_prob_diff_mean", 1e-3, 2.0), ("max_loss_diff", 1e-3, 4.0)):
+        bound = record(key, "bfloat16", spec.tolerances, Calibration("m", {key: noise}, factor))
+        assert bound["value"] == pytest.approx(noise * factor)
+        assert _expected_bound(check, key, bound, spec) == bound, key
