@@ -50,9 +50,16 @@ def routing_ties(certify, model: str, dtype: str, prompts: dict):
     """An MoE model in bf16: HF's routing near-tie tokens per prompt set (logits.MARGIN_RULE); else None."""
     if dtype == "float32" or not is_moe(certify.specs[model]):
         return None
-    truth, _ = routing.load(routing_reference(certify, model, "float32", prompts), "reference")
-    noisy, _ = routing.load(routing_reference(certify, model, dtype, prompts), "HF-bf16")
-    return routing.near_tie_tokens(truth, noisy, prompts)
+    paths = (routing_reference(certify, model, "float32", prompts), routing_reference(certify, model, dtype, prompts))
+    return _near_ties(*paths, json.dumps(prompts, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _near_ties(truth_path: str, noisy_path: str, prompts_json: str):
+    """Every bf16 row of a model asks for the same two files' near-ties (paths are per-session scratch)."""
+    truth, _ = routing.load(truth_path, "reference")
+    noisy, _ = routing.load(noisy_path, "HF-bf16")
+    return routing.near_tie_tokens(truth, noisy, json.loads(prompts_json))
 
 
 def with_tie_count(verdict, ties):

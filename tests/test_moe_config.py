@@ -233,19 +233,27 @@ def test_reference_step_adds_the_aux_terms_when_the_coefficient_is_set():
 
     from harness.train_step import loss_sum_and_count, make_batch, reference_step
 
-    model = AutoModelForCausalLM.from_pretrained(_reference("mixtral"), dtype=torch.float32)
     batch = make_batch([list(range(3, 19)), list(range(40, 50))])
+
+    def run(coefficient, aux_microbatches):
+        model = AutoModelForCausalLM.from_pretrained(_reference("mixtral"), dtype=torch.float32)
+        model.config.router_aux_loss_coef = coefficient
+        return reference_step(model, batch, steps=1, aux_microbatches=aux_microbatches)
+
+    model = AutoModelForCausalLM.from_pretrained(_reference("mixtral"), dtype=torch.float32)
     with torch.no_grad():
         ce_sum, count = loss_sum_and_count(model(input_ids=batch["input_ids"],
                                                  attention_mask=batch["attention_mask"]).logits, batch["labels"])
-    assert "aux_losses" not in reference_step(model, batch, steps=1)  # the spec's coefficient 0: CE alone
-    model = AutoModelForCausalLM.from_pretrained(_reference("mixtral"), dtype=torch.float32)
-    model.config.router_aux_loss_coef = 0.05
-    result = reference_step(model, batch, steps=1)
+    plain = run(0.05, 0)  # no trainer adds it (DeepSpeed's HF model): the cross-entropy alone
+    assert "aux_losses" not in plain
+    assert "aux_losses" not in run(0.0, 2)  # a coefficient of 0: nothing to add
+    result = run(0.05, 2)  # megatron-core's schedule over 2 micro-batches
     assert sorted(result["aux_losses"]) == ["layers.0", "layers.1"]
     assert all(v >= 1.0 for v in result["aux_losses"].values())  # the balanced minimum is 1
-    expected = float(ce_sum) / count + 0.05 * sum(result["aux_losses"].values())
-    assert abs(result["losses"][0] - expected) < 1e-5
+    # logged as the trainers log it (the cross-entropy), trained on with the load-balancing term
+    assert abs(result["losses"][0] - float(ce_sum) / count) < 1e-5 and abs(plain["losses"][0] - result["losses"][0]) < 1e-6
+    gate = "model.layers.0.block_sparse_moe.gate.weight"
+    assert (result["grads"][gate] - plain["grads"][gate]).abs().max() > 1e-4
     # grads and weights by checkpoint name: per expert, as save_pretrained writes them
     assert "model.layers.0.block_sparse_moe.experts.7.w1.weight" in result["grads"]
     assert not any("gate_up_proj" in name for name in result["weights"])

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from harness.checks import train
-from harness.train_step import STEPS
+from harness.train_step import MICROBATCHES, STEPS
 from harness.workers import Worker
 
 from .conftest import REPO, base_spec
@@ -130,7 +130,7 @@ def _reference(rig: Rig) -> dict:
     return rig.hf.call("train_reference", {"dir": rig.ref_dir, "dtype": "float32",
                                            "sequences": rig.prompts["padded_batch"], "steps": STEPS,
                                            "out_dir": str(rig.tmp / "train-ref"), "warmup_zero_steps": 0,
-                                           "compute_dtype": "float32"}, timeout=600)
+                                           "compute_dtype": "float32", "aux_microbatches": MICROBATCHES}, timeout=600)
 
 
 def _train(worker: Worker, rig: Rig, tp: int, pp: int, ep: int, tag: str = "") -> dict:
@@ -149,7 +149,8 @@ def test_qwen2_moe_train_step_at_ep2(qwen2_moe):
     assert verdict.status == "passed", verdict.reason
     # the router decisions of every step's forwards came back whole and equal HF's (fp32: every token)
     assert verdict.metrics["routing_agreement"] == 1.0 and verdict.metrics["routing"]["replayed"] is False
-    assert result["aux_losses"] == {}  # the spec trains with router_aux_loss_coef 0: nothing tracked
+    # the spec trains with HF's default router_aux_loss_coef 0.001: each layer's load-balancing loss is judged
+    assert set(result["aux_losses"]) == {"layers.0", "layers.1"} and verdict.metrics["max_aux_loss_diff"] < 1e-5
 
 
 def test_two_experts_exchanged_fail_logits_at_ep1_and_ep2(qwen2_moe):
@@ -222,7 +223,7 @@ def _bf16_train_verdict(rig: Rig, template: str):
         return rig.hf.call("train_reference", {"dir": rig.ref_dir, "dtype": "bfloat16", "steps": STEPS,
                                                "sequences": rig.prompts["padded_batch"], "compute_dtype": compute,
                                                "out_dir": str(rig.tmp / name), "attention": attention,
-                                               "routing": replay}, timeout=600)
+                                               "routing": replay, "aux_microbatches": MICROBATCHES}, timeout=600)
 
     own = (reference("float32")["routing"], [reference("bfloat16", a)["routing"] for a in (None, "eager")])
     replayed, exact = reference("bfloat16", replay=run["routing"]), reference("float32", replay=run["routing"])

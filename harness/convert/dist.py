@@ -261,6 +261,14 @@ def gather(shards: dict[tuple[int, int, int], dict[str, torch.Tensor]], layout: 
     return whole
 
 
+def _tp_ranks_missing(name: str, present, layout, problems: list[str]) -> bool:
+    """Whether some TP rank gave no piece of `name` (named in problems): nothing can be joined then."""
+    missing = [t for t in range(layout.tp) if t not in present]
+    if missing:
+        problems.append(f"{name}: missing from tp rank(s) {', '.join(map(str, missing))}")
+    return bool(missing)
+
+
 def _gather_expert(name, held, layout, whole, expert_from, problems) -> None:
     local_id = int(EXPERT_RE.match(name).group(2))
     for e in sorted({k[2] for k, _ in held}):
@@ -268,9 +276,7 @@ def _gather_expert(name, held, layout, whole, expert_from, problems) -> None:
         global_name = _with_expert(name, global_expert_id(local_id, e, layout))
         if layout.etp > 1:  # TP-split experts: one piece per TP rank, joined like a dense tensor
             by_tp = {k[1]: t for k, t in copies}
-            missing = [t for t in range(layout.tp) if t not in by_tp]
-            if missing:
-                problems.append(f"{global_name}: missing from tp rank(s) {', '.join(map(str, missing))}")
+            if _tp_ranks_missing(global_name, by_tp, layout, problems):
                 continue
             joined = _tp_join([by_tp[t] for t in range(layout.tp)], split_dim(name, layout.dist_config, layout.etp),
                               layout.parts(name))
@@ -290,9 +296,7 @@ def _gather_dense(name, held, layout, whole, problems) -> None:
     by_tp: dict[int, list] = {}
     for k, tensor in held:
         by_tp.setdefault(k[1], []).append((k, tensor))
-    missing = [t for t in range(layout.tp) if t not in by_tp]
-    if missing:
-        problems.append(f"{name}: missing from tp rank(s) {', '.join(map(str, missing))}")
+    if _tp_ranks_missing(name, by_tp, layout, problems):
         return
     for t, copies in by_tp.items():
         for k, tensor in copies[1:]:
