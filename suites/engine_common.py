@@ -27,6 +27,16 @@ def _load(path: str) -> dict:
     return load_file(path)
 
 
+def hf_logprobs(certify, model: str, dtype: str, prompts: dict, attention: str | None = None) -> str:
+    """HF's full-vocabulary prompt log-probs of the fp32 reference checkpoint run in `dtype` (fp32 = truth, bf16 =
+    noise; `attention`: another of HF's kernels, a second noise run), once per session: the path."""
+    ref_dir = certify.reference_dir(model, "float32")
+    suffix, extra = kernel(attention)
+    out = certify.scratch(model) / f"hf-{dtype}{suffix}.safetensors"
+    return certify.call(model, "hf", "logprobs", dir=ref_dir, dtype=dtype, prompts=prompts, out_path=str(out),
+                        **extra)["path"]
+
+
 def routing_reference(certify, model: str, dtype: str, prompts: dict, attention: str | None = None) -> str:
     """HF's routing of the fp32 reference checkpoint run in `dtype` (fp32 = truth, bf16 = noise), once."""
     ref_dir = certify.reference_dir(model, "float32")

@@ -10,16 +10,6 @@ from suites import engine_common, localization
 SUITE = "logits"
 
 
-def _reference(certify, model: str, dtype: str, attention: str | None = None) -> str:
-    """HF log-probs of the fp32 reference checkpoint run in `dtype` (fp32 = truth, bf16 = noise; `attention`:
-    another of HF's kernels, a second noise run)."""
-    ref_dir = certify.reference_dir(model, "float32")
-    suffix, extra = engine_common.kernel(attention)
-    out = certify.scratch(model) / f"hf-{dtype}{suffix}.safetensors"
-    return certify.call(model, "hf", "logprobs", dir=ref_dir, dtype=dtype, prompts=_prompts(ref_dir),
-                        out_path=str(out), **extra)["path"]
-
-
 def _prompts(ref_dir: str) -> dict:
     vocab = json.loads((Path(ref_dir) / "config.json").read_text())["vocab_size"]
     return prompt_sets(vocab)
@@ -48,10 +38,11 @@ def _trainer_logits(certify, check, spec, ref_dir: str, prompts: dict):
     run = certify.call(check.model, check.backend, "logprobs", dir=ref_dir, dtypes=dtypes, prompts=prompts,
                        out_dir=out_dir, **extra)
     where = " ".join(p for p in (check.variant, check.layout, check.dtype) if p)
-    noise = [_reference(certify, check.model, check.dtype, attention)
+    noise = [engine_common.hf_logprobs(certify, check.model, check.dtype, prompts, attention)
              for attention in engine_common.noise_attentions(certify, check.model)] if check.dtype != "float32" else None
     ties = engine_common.routing_ties(certify, check.model, check.dtype, prompts)
-    verdict = logits.evaluate(_reference(certify, check.model, "float32"), run["files"].get(check.dtype), prompts,
-                              check.dtype, spec.tolerances, where, run["load_problems"], noise, routing_ties=ties)
+    truth = engine_common.hf_logprobs(certify, check.model, "float32", prompts)
+    verdict = logits.evaluate(truth, run["files"].get(check.dtype), prompts, check.dtype, spec.tolerances, where,
+                              run["load_problems"], noise, routing_ties=ties)
     verdict = engine_common.with_tie_count(verdict, ties)
     return localization.attach(certify, check, verdict, ref_dir, prompts, extra)

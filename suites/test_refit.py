@@ -29,23 +29,14 @@ TRAIN_SET = "padded_batch"  # the train suite's fixed batch (suites/test_train.p
 REFIT_STEPS = STEPS
 
 
-def _hf_logprobs(certify, model: str, dtype: str, prompts: dict, attention: str | None = None) -> dict:
-    """HF's prompt log-probs of the reference checkpoint in `dtype` (the logits suite's very call)."""
-    ref_dir = certify.reference_dir(model, "float32")
-    suffix, extra = engine_common.kernel(attention)
-    out = certify.scratch(model) / f"hf-{dtype}{suffix}.safetensors"
-    return load(certify.call(model, "hf", "logprobs", dir=ref_dir, dtype=dtype, prompts=prompts,
-                             out_path=str(out), **extra)["path"])
-
-
 def _judge(certify, check, spec) -> Verdict:
     ref_dir = certify.reference_dir(check.model, "float32")
     vocab = json.loads((Path(ref_dir) / "config.json").read_text())["vocab_size"]
     prompts = prompt_sets(vocab)
     layout = next(lay for lay in spec.parallel if lay.id == check.layout)
-    noisy = [_hf_logprobs(certify, check.model, check.dtype, prompts, attention)
+    noisy = [load(engine_common.hf_logprobs(certify, check.model, check.dtype, prompts, attention))
              for attention in engine_common.noise_attentions(certify, check.model)] if check.dtype != "float32" else None
-    truth = _hf_logprobs(certify, check.model, "float32", prompts) if noisy is not None else None
+    truth = load(engine_common.hf_logprobs(certify, check.model, "float32", prompts)) if noisy is not None else None
     ties = engine_common.routing_ties(certify, check.model, check.dtype, prompts)
     tolerance, calibration, margins = refit.tolerance_for(check.dtype, spec.tolerances, truth, noisy, prompts, ties)
     out = certify.scratch(check.model) / f"refit-{check.dtype}-{check.layout}"

@@ -116,8 +116,8 @@ def noise_calibration(truth, noisy, prompts, margins, method: str,
         problems = M.coverage(truth, run, prompts)
         if problems:
             raise RuntimeError(f"HF's bf16 run is incomplete, so no bound can be calibrated: {problems[0]}")
-    return Calibration(runs_method(method, runs), worst_of_runs([worst(compare(truth, run, prompts, margins), bounds) for run in runs],
-                                             bounds), factor)
+    noise = worst_of_runs([worst(compare(truth, run, prompts, margins), bounds) for run in runs], bounds)
+    return Calibration(runs_method(method, runs), noise, factor)
 
 
 def evaluate(truth_path: str, test_path: str | None, prompts: dict[str, list[list[int]]], dtype: str,
