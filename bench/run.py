@@ -3,10 +3,11 @@ appended to bench/results.md with a description of the machine.
 
     .venv/bin/python bench/run.py [--only a,b,c,d] [--rounds 1] [--convert-rounds 3] [--full-tests] [--no-append]
 
-(a) harness / bare backend script, goal <= 1.3x: bench/engines.py's comparison (the vLLM checks of the qwen2
+(a) harness / bare backend scripts, goal <= 1.3x: bench/engines.py's comparison (the vLLM checks of the qwen2
     CPU certification through pytest against a bare vLLM script making the same engine calls; wall, vLLM worker
-    busy and CPU ratios). Bare Megatron and DeepSpeed scripts do not exist yet: the Megatron/DeepSpeed share of a
-    full certification is reported as not measured, never folded into a ratio.
+    busy and CPU ratios), then the whole qwen2 CPU certification against the sum of bare scripts making the same
+    calls (bench/bare.py replays the run's HF, Megatron and DeepSpeed calls from CERTIFY_CALL_LOG; the bare vLLM
+    script makes the vLLM ones).
 (b) streaming HF -> Megatron conversion / a plain safetensors load + save of the same bytes, goal <= 1.5x on
     work time and peak RSS <= 3 x largest tensor + 1 GiB: bench/convert.py on the Qwen2-0.5B-shaped bf16
     checkpoint at TP1 and TP2xPP2, each in two regimes (warm source cache with the output left in the page
@@ -117,10 +118,65 @@ def bench_a(rounds: int, echo) -> list[Figure]:
         figures.append(Figure("a", f"vLLM slice of the qwen2 CPU certification, {name[4:]}", ratio(h, b),
                               engines.GOAL, regime=f"median of {rounds} round(s), fp32",
                               note=f"{h:.1f} s harness vs {b:.1f} s bare"))
-    figures.append(Figure("a", "full qwen2 CPU certification / sum of bare backend scripts", None, engines.GOAL,
-                          note="bare Megatron and DeepSpeed scripts are not written yet; only the vLLM slice is "
-                               "compared side by side"))
+    figures += bench_a_full(engines, echo)
     return figures
+
+
+def bench_a_full(engines, echo, model: str = "qwen2") -> list[Figure]:
+    """The whole CPU certification (`pytest --model qwen2`, every backend) / the sum of the bare scripts making the
+    same calls: bench/bare.py replays the run's own call log (CERTIFY_CALL_LOG) for HF, Megatron and DeepSpeed,
+    bench/engines.py's bare vLLM script makes the vLLM calls, one engine per dtype as the harness starts them."""
+    import shutil
+
+    label = f"full {model} CPU certification / sum of bare backend scripts"
+    work = Path(tempfile.mkdtemp(prefix="bench-run-a-full-"))
+    try:
+        log = work / "calls.jsonl"
+        cmd = [sys.executable, "-m", "pytest", "--model", model, "-p", "no:cacheprovider", "--color=no", "-q",
+               "--report-dir", str(work / "reports")]
+        echo(f"(a) harness: {shlex.join(['python', *cmd[1:]])} (CERTIFY_CALL_LOG={log})")
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "CERTIFY_CALL_LOG": str(log)}, capture_output=True,
+                              text=True)
+        harness_s = time.perf_counter() - started
+        tail = (proc.stdout.strip().splitlines() or [""])[-1]
+        echo(f"    {harness_s:.0f} s, exit {proc.returncode}: {tail}")
+        calls = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        if proc.returncode not in (0, 1) or not calls:
+            return [Figure("a", label, None, engines.GOAL, note=f"not measured: the harness run exited "
+                                                                f"{proc.returncode} with {len(calls)} calls logged")]
+        echo("(a) bare HF, Megatron and DeepSpeed: bench/bare.py on the same calls")
+        started = time.perf_counter()
+        bare = subprocess.run([sys.executable, str(BENCH / "bare.py"), str(log), "--out", str(work / "bare.json")],
+                              cwd=REPO, capture_output=True, text=True)
+        trainers_s = time.perf_counter() - started
+        if bare.returncode:
+            return [Figure("a", label, None, engines.GOAL,
+                           note=f"not measured: bench/bare.py exited {bare.returncode}: "
+                                f"{(bare.stderr.strip().splitlines() or [''])[-1][:300]}")]
+        echo(f"    {trainers_s:.0f} s")
+        spec, plans, _, ref_dir = engines.plan_for(model, "float32", True, work)
+        for dtype in spec.dtypes[1:]:  # config and registration run once, on the first dtype's engine
+            extra = engines.build_plan(spec, dtype, ref_dir, spec_vocab(ref_dir))
+            plans += [{**plan, "calls": [c for c in plan["calls"] if c["op"] not in ("config", "registration")]}
+                      for plan in extra]
+        echo(f"(a) bare vLLM: {sum(len(p['calls']) for p in plans)} calls on {len(plans)} engine(s)")
+        vllm_s = engines.run_bare(plans, work, engines.engine_env())["wall_s"]
+        echo(f"    {vllm_s:.0f} s")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    bare_s = trainers_s + vllm_s
+    by_backend: dict[str, float] = {}
+    for call in calls:
+        by_backend[call["backend"]] = by_backend.get(call["backend"], 0.0) + call["seconds"]
+    busy = ", ".join(f"{b} {s:.0f} s" for b, s in sorted(by_backend.items()))
+    return [Figure("a", label, ratio(harness_s, bare_s), engines.GOAL, regime="wall, one round, both dtypes",
+                   note=f"{harness_s:.0f} s harness ({len(calls)} worker calls; busy: {busy}) vs {bare_s:.0f} s bare "
+                        f"(HF + Megatron + DeepSpeed {trainers_s:.0f} s, vLLM {vllm_s:.0f} s); {tail}")]
+
+
+def spec_vocab(ref_dir: str) -> int:
+    return json.loads((Path(ref_dir) / "config.json").read_text())["vocab_size"]
 
 
 # ---------------------------------------------------------------- (b)
@@ -213,23 +269,39 @@ def run_tests(paths: list[str], mode: list[str]) -> dict:
     return {"rc": proc.returncode, "wall_s": wall, "summary": tail}
 
 
-def test_figures(walls: dict[str, float], scope: str, summaries: dict[str, str]) -> list[Figure]:
-    serial = walls["-n 0"]
-    return [Figure("c", f"{scope}: -n 0 / {mode}", ratio(serial, walls[mode]), 1.6, at_least=True,
-                   regime="wall time, whole pytest run",
-                   note=f"{serial:.0f} s vs {walls[mode]:.0f} s; {summaries[mode]}")
-            for mode in walls if mode != "-n 0"]
+def test_figures(walls: dict[str, list[float]], scope: str, summaries: dict[str, str]) -> list[Figure]:
+    serial = statistics.median(walls["-n 0"])
+    rounds = len(walls["-n 0"])
+    figures = []
+    for mode in walls:
+        if mode == "-n 0":
+            continue
+        parallel = statistics.median(walls[mode])
+        figures.append(Figure("c", f"{scope}: -n 0 / {mode}", ratio(serial, parallel), 1.6, at_least=True,
+                              regime=f"wall time, whole pytest run, median of {rounds} round(s) after an untimed "
+                                     "warm-up run, modes in rotated order",
+                              note=f"{serial:.0f} s vs {parallel:.0f} s; {summaries[mode]}"))
+    return figures
 
 
-def bench_c(full: bool, echo) -> list[Figure]:
+def bench_c(full: bool, echo, rounds: int = 1) -> list[Figure]:
+    """Each mode `rounds` times, the order rotated every round, after one untimed -n 2 run: the first run on a
+    machine builds DeepSpeed's CPU comm op and vLLM's inductor cache, which would otherwise be charged to
+    whichever mode ran first (on 2026-12-02 -n 0 ran first and "worksteal" came out 5.2x on 2 cores)."""
     paths = ["tests"] if full else list(SUBSET)
     scope = "whole tests/" if full else f"subset of {len(SUBSET)} modules"
-    walls, summaries = {}, {}
-    for mode, flags in TEST_MODES.items():
-        echo(f"(c) {shlex.join(['pytest', *paths, *flags])}")
-        result = run_tests(paths, flags)
-        walls[mode], summaries[mode] = result["wall_s"], result["summary"]
-        echo(f"    {result['wall_s']:.0f} s, exit {result['rc']}: {result['summary']}")
+    echo(f"(c) warm-up, untimed: {shlex.join(['pytest', *paths, '-n', '2'])}")
+    run_tests(paths, ["-n", "2"])
+    walls: dict[str, list[float]] = {mode: [] for mode in TEST_MODES}
+    summaries = {}
+    modes = list(TEST_MODES)
+    for round_ in range(rounds):
+        for mode in modes[round_ % len(modes):] + modes[:round_ % len(modes)]:
+            echo(f"(c) round {round_ + 1}: {shlex.join(['pytest', *paths, *TEST_MODES[mode]])}")
+            result = run_tests(paths, TEST_MODES[mode])
+            walls[mode].append(result["wall_s"])
+            summaries[mode] = result["summary"]
+            echo(f"    {result['wall_s']:.0f} s, exit {result['rc']}: {result['summary']}")
     return test_figures(walls, scope, summaries)
 
 
@@ -292,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="rounds per side for (a) and (d) (default 1)")
     parser.add_argument("--convert-rounds", type=int, default=3,
                         help="rounds per side for (b), seconds each: medians of 3 by default")
+    parser.add_argument("--test-rounds", type=int, default=1, help="rounds per mode for (c) (default 1)")
     parser.add_argument("--full-tests", action="store_true", help="(c): the whole tests/ folder, not the subset")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file appended to")
     parser.add_argument("--no-append", action="store_true", help="print only")
@@ -311,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         elif item == "b":
             figures += bench_b(args.convert_rounds, echo)
         elif item == "c":
-            figures += bench_c(args.full_tests, echo)
+            figures += bench_c(args.full_tests, echo, args.test_rounds)
         else:
             figures += bench_d(args.rounds, echo)
         echo(f"({item}) done in {time.perf_counter() - t:.0f} s")

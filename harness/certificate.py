@@ -80,12 +80,16 @@ def checkpoint_bytes(directory: str | Path) -> int:
 
 
 def judge_resources(workers: dict[str, dict[str, Any]], checkpoint_bytes: int | None, factor: float,
-                    extra_gib: float) -> dict[str, Any]:
-    """Every worker's peak RSS against factor × the checkpoint's bytes + extra_gib GiB (the spec's peak_rss_bound).
+                    extra_gib: float, train_factor: float | None = None) -> dict[str, Any]:
+    """Every worker's peak RSS against factor × the checkpoint's bytes + extra_gib GiB (the spec's peak_rss_bound);
+    a worker that trained (its record's `trains`) against train_factor × the checkpoint + extra_gib where the spec
+    sets one: an AdamW step holds weights, gradients and two moments, 4 × the fp32 weights, by itself.
 
     not_run, never passed, when nothing was measured or no checkpoint was materialized to scale the bound by."""
     out = {"checkpoint_bytes": checkpoint_bytes, "checkpoint_factor": factor, "extra_gib": extra_gib,
            "limit_bytes": None}
+    if train_factor is not None:
+        out.update(train_checkpoint_factor=train_factor, train_limit_bytes=None)
     if not checkpoint_bytes:
         return {**out, "status": "not_run", "reason": "no reference checkpoint was materialized in this run: "
                                                       "the bound has nothing to scale"}
@@ -93,14 +97,22 @@ def judge_resources(workers: dict[str, dict[str, Any]], checkpoint_bytes: int | 
         return {**out, "status": "not_run", "reason": "no backend worker ran in this run"}
     limit = int(factor * checkpoint_bytes + extra_gib * GIB)
     out["limit_bytes"] = limit
-    over = {name: r["peak_rss_bytes"] for name, r in workers.items() if r["peak_rss_bytes"] > limit}
+    if train_factor is not None:
+        out["train_limit_bytes"] = int(train_factor * checkpoint_bytes + extra_gib * GIB)
+
+    def limit_of(record: dict[str, Any]) -> int:
+        return out["train_limit_bytes"] if train_factor is not None and record.get("trains") else limit
+
+    over = {name: r["peak_rss_bytes"] for name, r in workers.items() if r["peak_rss_bytes"] > limit_of(r)}
     if over:
         return {**out, "status": "failed", "reason": "; ".join(
-            f"{name} peaked at {peak / GIB:.2f} GiB > {limit / GIB:.2f} GiB" for name, peak in over.items())}
-    worst = max(workers, key=lambda name: workers[name]["peak_rss_bytes"])
-    peak = workers[worst]["peak_rss_bytes"]
+            f"{name} peaked at {peak / GIB:.2f} GiB > {limit_of(workers[name]) / GIB:.2f} GiB"
+            for name, peak in over.items())}
+    worst = max(workers, key=lambda name: workers[name]["peak_rss_bytes"] / limit_of(workers[name]))
+    peak, worst_limit = workers[worst]["peak_rss_bytes"], limit_of(workers[worst])
     return {**out, "status": "passed",
-            "reason": f"worst {worst} at {peak / GIB:.2f} GiB, {peak / limit:.2f} of {limit / GIB:.2f} GiB"}
+            "reason": f"worst {worst} at {peak / GIB:.2f} GiB, {peak / worst_limit:.2f} of {worst_limit / GIB:.2f} GiB"
+                      + (" (its train limit)" if worst_limit != limit else "")}
 
 
 def resources_section(workers: dict[str, dict[str, Any]], checkpoint_bytes: int | None = None,
@@ -110,7 +122,8 @@ def resources_section(workers: dict[str, dict[str, Any]], checkpoint_bytes: int 
 
     section = {"workers": workers, "sampling": f"/proc every {SAMPLE_INTERVAL_S}s over each worker's process group"}
     if bound is not None:
-        section["bound"] = judge_resources(workers, checkpoint_bytes, bound.checkpoint_factor, bound.extra_gib)
+        section["bound"] = judge_resources(workers, checkpoint_bytes, bound.checkpoint_factor, bound.extra_gib,
+                                           bound.train_checkpoint_factor)
     return section
 
 
@@ -207,12 +220,14 @@ def bound_text(key: str, bound: Any) -> str:
 def resources_markdown(resources: dict[str, Any] | None) -> list[str]:
     if not resources:
         return []
-    lines = ["| worker | wall s | peak RSS GiB | largest process GiB |", "|---|---|---|---|"]
-    lines += [f"| {name} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / GIB:.2f} | "
+    lines = ["| worker | trained | wall s | peak RSS GiB | largest process GiB |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {'yes' if r.get('trains') else 'no'} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / GIB:.2f} | "
               f"{r['largest_process_rss_bytes'] / GIB:.2f} |" for name, r in resources["workers"].items()]
     if bound := resources.get("bound"):
-        lines += ["", f"peak RSS bound ({bound['checkpoint_factor']:g} × checkpoint + {bound['extra_gib']:g} GiB): "
-                      f"**{bound['status']}**, {bound['reason']}"]
+        trained = (f"; a worker that trained: {bound['train_checkpoint_factor']:g} × checkpoint + "
+                   f"{bound['extra_gib']:g} GiB" if bound.get("train_checkpoint_factor") is not None else "")
+        lines += ["", f"peak RSS bound ({bound['checkpoint_factor']:g} × checkpoint + {bound['extra_gib']:g} GiB"
+                      f"{trained}): **{bound['status']}**, {bound['reason']}"]
     return [*lines, ""]
 
 

@@ -42,9 +42,14 @@ MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts")
 # backend-specific dtype-dependent variants replacing the suite's default ones
 BACKEND_VARIANTS: dict[tuple[str, str], tuple[str, ...]] = {
-    ("deepspeed", "train"): tuple(f"zero{stage}-ws{world}" for stage in range(4) for world in (1, 2)),
     ("deepspeed", "logits"): ("zero3-infer",),
 }
+
+
+def deepspeed_train_variants(spec: Spec) -> tuple[str, ...]:
+    """zero<stage>-ws<world> for the spec's DeepSpeed grid (all stages at world sizes 1 and 2 by default)."""
+    return tuple(f"zero{stage}-ws{world}" for stage in sorted(set(spec.deepspeed.zero_stages))
+                 for world in sorted(set(spec.deepspeed.world_sizes)))
 
 
 @dataclass(frozen=True)
@@ -195,6 +200,8 @@ def build_plan(spec: Spec, backends: list[str] | None = None, dtypes: list[str] 
             per_dtype = BACKEND_VARIANTS.get((backend, suite), per_dtype)
             if suite == "rollout":
                 per_dtype = rollout_variants(spec)
+            elif (backend, suite) == ("deepspeed", "train"):
+                per_dtype = deepspeed_train_variants(spec)
             layouts = [lay.id for lay in spec.parallel] if (backend, suite) in PER_LAYOUT else [""]
             for variant in agnostic:
                 plan.append(PlannedCheck(spec.name, suite, backend, variant))

@@ -6,6 +6,7 @@ pytest plugin is a thin adapter over it.
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from contextlib import contextmanager
@@ -42,6 +43,19 @@ def reference_record(spec: Spec) -> dict[str, Any] | None:
     return {"path": str(path), "sharded": (path / "model.safetensors.index.json").is_file(), "files": files}
 
 
+
+def _log_call(model: str, backend: str, op: str, args: dict, seconds: float, status: str) -> None:
+    """With CERTIFY_CALL_LOG=PATH, one JSON line per worker call run (not memo hits): what bench/bare.py replays
+    without the harness, so that bench (a) compares the same calls."""
+    if path := os.environ.get("CERTIFY_CALL_LOG"):
+        with open(path, "a") as log:
+            log.write(json.dumps({"model": model, "backend": backend, "op": op, "args": args,
+                                  "seconds": round(seconds, 3), "status": status}, default=str) + "\n")
+
+
+TRAIN_OPS = ("train", "train_reference", "refit_source")  # worker operations that take optimizer steps
+
+
 class CertifySession:
     def __init__(self, specs: list[Spec], backends: list[str] | None = None, dtypes: list[str] | None = None,
                  report_dir: str | Path = "reports", device: devices.Device | None = None,
@@ -70,6 +84,7 @@ class CertifySession:
         # (model, backend) -> {"start_s", "calls", "busy_s"}: how long each worker took, for people
         self.worker_times: dict[tuple[str, str], dict[str, float]] = {}
         self.checkpoint_bytes: dict[str, int] = {}  # model -> its largest materialized reference (resources bound)
+        self.trained_workers: set[tuple[str, str]] = set()  # (model, worker name) that ran a TRAIN_OPS call
         self.progress = lambda message: None  # the pytest plugin points this at the terminal
 
     # ---- planning ----
@@ -103,7 +118,7 @@ class CertifySession:
             times = self.worker_times.setdefault((model, backend), {"start_s": 0.0, "calls": 0, "busy_s": 0.0})
             if not times["calls"]:
                 self.progress(f"[{model}] starting the {backend} worker")
-            started = time.monotonic()
+            started, instance = time.monotonic(), ""
             try:
                 cls = backend_class(backend)
                 instance = str(args.get("dtype", "")) if cls is not None and cls.worker_per_dtype else ""
@@ -115,6 +130,9 @@ class CertifySession:
                 self._memo[key] = ("error", exc)
             times["calls"] += 1
             times["busy_s"] = round(times["busy_s"] + time.monotonic() - started, 2)
+            _log_call(model, backend, op, args, time.monotonic() - started, self._memo[key][0])
+            if op in TRAIN_OPS:  # its peak holds an optimizer state: the resource bound's train limit applies
+                self.trained_workers.add((model, "/".join(filter(None, (backend, instance)))))
             shown = {k: v for k, v in args.items() if k in ("dtype", "dtypes", "tp", "pp", "stage", "world")}
             self.progress(f"[{model}] {backend}.{op}({', '.join(f'{k}={v}' for k, v in shown.items())}) "
                           f"{time.monotonic() - started:.1f}s")
@@ -206,9 +224,16 @@ class CertifySession:
                                           calibration=citation.as_dict() if citation else None,
                                           reference=getattr(self, "references", {}).get(name),
                                           resources=certificate.resources_section(
-                                              self.pool.resources(str(spec.source) if spec.source else None),
+                                              self._worker_resources(name),
                                               getattr(self, "checkpoint_bytes", {}).get(name), spec.peak_rss_bound))
         return out
+
+    def _worker_resources(self, model: str) -> dict[str, dict[str, Any]]:
+        """The pool's records of one model's workers, each marked with whether it trained."""
+        spec = self.specs[model]
+        records = self.pool.resources(str(spec.source) if spec.source else None)
+        trained = getattr(self, "trained_workers", set())
+        return {name: {**record, "trains": (model, name) in trained} for name, record in records.items()}
 
     @property
     def device_record(self) -> dict[str, Any]:

@@ -124,6 +124,17 @@ class Refit(_Strict):
                                                          "bucket travels alone); ROLL and its peers bucket")
 
 
+class DeepSpeedGrid(_Strict):
+    """Which ZeRO stages and world sizes the DeepSpeed train suite runs (ROLL's strategies use them all)."""
+
+    zero_stages: list[Literal[0, 1, 2, 3]] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1,
+                                                   description="ZeRO stages of the train rows")
+    world_sizes: list[Literal[1, 2]] = Field(default_factory=lambda: [1, 2], min_length=1,
+                                             description="data-parallel world sizes of the train rows (a real-shape "
+                                                         "model: ZeRO-0 at world size 2 holds two whole optimizer "
+                                                         "states)")
+
+
 class ExecutorOptions(_Strict):
     """Who starts the multi-rank backends' rank groups (--executor / CERTIFY_EXECUTOR override it)."""
 
@@ -139,6 +150,11 @@ class PeakRssBound(_Strict):
     checkpoint_factor: float = Field(3.0, gt=0, description="times the reference checkpoint's bytes (the largest "
                                                             "materialized dtype, or the real checkpoint's files)")
     extra_gib: float = Field(2.0, ge=0, description="plus this many GiB (interpreter, libraries, engine)")
+    train_checkpoint_factor: float | None = Field(
+        None, gt=0, description="for a worker that trained (Megatron, DeepSpeed, HF's reference step): times the "
+                                "checkpoint's bytes instead; an AdamW step alone holds weights, gradients and two "
+                                "moments (4 x the fp32 weights; bf16 with fp32 master weights 4.5 x). Omitted: "
+                                "checkpoint_factor for every worker")
 
 
 class Spec(_Strict):
@@ -157,6 +173,7 @@ class Spec(_Strict):
     engines: Engines = Field(default_factory=Engines)
     rollout: Rollout = Field(default_factory=Rollout)
     refit: Refit = Field(default_factory=Refit)
+    deepspeed: DeepSpeedGrid = Field(default_factory=DeepSpeedGrid)
     executor: ExecutorOptions = Field(default_factory=ExecutorOptions)
     calibration: Path | None = Field(None, description="the checked-in calibration file (python -m harness "
                                                        "calibrate), relative to this spec; default: "

@@ -257,8 +257,17 @@ def check_resources(cert: dict[str, Any], spec) -> None:
         return
     if bound is None:
         raise Invalid("resources: the spec sets peak_rss_bound but the certificate records no judged bound")
+    # the looser train limit only for a worker the rows show training: a train row's backend and HF's reference
+    # step, a refit row's Megatron trainer
+    ran = [c for c in cert["checks"] if c["suite"] in ("train", "refit") and c["status"] not in ("not_run",
+                                                                                                 "not_applicable")]
+    trainers = {c["backend"] for c in ran if c["suite"] == "train"} | {"hf" for c in ran if c["suite"] == "train"} \
+        | {"megatron" for c in ran if c["suite"] == "refit"}
+    claimed = sorted(name for name, r in resources["workers"].items() if r.get("trains") and name not in trainers)
+    if claimed:
+        raise Invalid(f"resources: {', '.join(claimed)} marked as having trained, but no train or refit row ran there")
     expected = judge_resources(resources["workers"], bound["checkpoint_bytes"], asked.checkpoint_factor,
-                               asked.extra_gib)
+                               asked.extra_gib, asked.train_checkpoint_factor)
     if bound != expected:
         diff = sorted(k for k in expected if bound.get(k) != expected[k])
         raise Invalid(f"resources: the bound's {', '.join(diff)} is not what the recorded peaks and the spec give "

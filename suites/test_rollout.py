@@ -23,28 +23,29 @@ def _cells(spec, config: dict, on_gpu: bool) -> list[dict]:
             for n in dict.fromkeys(lengths) for b in batches]
 
 
-def _scores(certify, model: str, trainer: str, dtype: str, sequences: list[list[int]], tag: str,
-            attention: str | None = None):
-    """The trainer's full-vocabulary log-probs (temperature 1) of the sampled sequences (`attention`: another of
-    HF's kernels, a second noise run)."""
+def _scores(certify, model: str, trainer: str, dtype: str, samples: list[dict], temperature: float, tag: str,
+            attention: str | None = None) -> list[list[float]]:
+    """The trainer's log-probs of the sampled tokens under the spec's convention (the worker returns only the
+    realized tokens' scores, never [batch, seq, vocab]); `attention`: another of HF's kernels, a second noise run."""
     from safetensors.torch import load_file
 
     spec = certify.specs[model]
     ref_dir = certify.reference_dir(model, "float32")
-    prompts = {"rollout": sequences}
+    prompts = {"rollout": [s["prompt"] + s["generated"] for s in samples]}
+    realized = {"temperature": temperature, "scales": spec.rollout.trainer_scales_by_temperature}
     out = certify.scratch(model) / f"rollout-{trainer}-{dtype}-{tag}"
     if trainer == "hf":
         suffix, extra = engine_common.kernel(attention)
-        path = certify.call(model, "hf", "logprobs", dir=ref_dir, dtype=dtype, prompts=prompts,
+        path = certify.call(model, "hf", "logprobs", dir=ref_dir, dtype=dtype, prompts=prompts, realized=realized,
                             out_path=f"{out}{suffix}.safetensors", **extra)["path"]
     else:
         extra = {"tp": spec.parallel[0].tp, "pp": spec.parallel[0].pp} if trainer == "megatron" else {}
         run = certify.call(model, trainer, "logprobs", dir=ref_dir, dtypes=[dtype], prompts=prompts,
-                           out_dir=str(out), **extra)
+                           realized=realized, out_dir=str(out), **extra)
         if run.get("load_problems"):
             raise RuntimeError(f"{trainer} could not load the model: {run['load_problems'][:3]}")
         path = run["files"][dtype]
-    return load_file(path)["rollout"]
+    return rollout.trainer_token_logprobs(load_file(path)["rollout"], samples)
 
 
 def test_rollout(check, certify, request):
@@ -63,13 +64,11 @@ def test_rollout(check, certify, request):
         if payload.get("logprobs_mode") != spec.rollout.engine_logprobs:  # the engine could not honour the spec
             problems.append(f"the engine returned {payload.get('logprobs_mode')!r} logprobs, the spec's "
                             f"rollout.engine_logprobs is {spec.rollout.engine_logprobs!r}")
-        sequences = [s["prompt"] + s["generated"] for s in samples]
         tag = f"{check.backend}-t{temperature:g}"
         scales = spec.rollout.trainer_scales_by_temperature
 
         def score(who, dtype, attention=None):
-            return rollout.trainer_token_logprobs(_scores(certify, check.model, who, dtype, sequences, tag, attention),
-                                                  samples, temperature, scales)
+            return _scores(certify, check.model, who, dtype, samples, temperature, tag, attention)
 
         bf16 = check.dtype != "float32"
         where = (f"{trainer} vs {check.backend} at T={temperature:g} {check.dtype} (engine logprobs: "

@@ -40,7 +40,7 @@ def test_goals_are_judged_as_ceilings_or_floors_and_nothing_measured_is_never_me
     assert bench.Figure("c", "t", 1.2, 1.6, at_least=True).met == "no"
     assert bench.Figure("a", "t", None, 1.3).met == "not measured"
     # speed-up = serial / parallel wall, one figure per parallel mode
-    walls = {"-n 0": 100.0, "-n 2 --dist load": 80.0, "-n 2 --dist worksteal": 50.0}
+    walls = {"-n 0": [100.0, 90.0, 120.0], "-n 2 --dist load": [80.0], "-n 2 --dist worksteal": [50.0]}  # medians
     figures = bench.test_figures(walls, "subset", {m: "3 passed" for m in walls})
     assert [(f.name, round(f.value, 2), f.met) for f in figures] == [
         ("subset: -n 0 / -n 2 --dist load", 1.25, "no"), ("subset: -n 0 / -n 2 --dist worksteal", 2.0, "yes")]

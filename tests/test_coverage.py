@@ -168,8 +168,9 @@ def test_rollout_judge_names_a_missing_sample_and_a_short_one():
 
 
 def test_trainer_that_scored_fewer_sequences_is_named():
-    full = torch.log_softmax(torch.randn(1, 5, VOCAB), dim=-1)  # one sequence scored of two
-    scores = rollout.trainer_token_logprobs(full, _samples(), 1.0, scales=True)
+    ids = torch.randint(0, VOCAB, (1, 5))  # one sequence scored of two
+    scores = rollout.trainer_token_logprobs(rollout.realized_logprobs(torch.randn(1, 5, VOCAB), ids, 1.0, True),
+                                            _samples())
     verdict = _rollout(_samples(), [s["logprobs"] for s in _samples()], scores)
     assert verdict.status == "failed" and "0 trainer log-probs for 3 tokens" in verdict.reason
 

@@ -70,11 +70,17 @@ def test_closeness_is_mutual_top5_membership_at_the_first_divergence(rank, close
 
 def test_raw_engine_logprobs_against_a_scaling_trainer_differ_only_away_from_t1():
     g = torch.Generator().manual_seed(1)
-    full = torch.log_softmax(torch.randn(1, 6, VOCAB, generator=g) * 2, dim=-1)
+    logits = torch.randn(1, 6, VOCAB, generator=g) * 2
     sample = {"cell": "c", "prompt": [1, 2, 3], "generated": [4, 5, 6]}
-    raw = rollout.trainer_token_logprobs(full, [sample], 0.7, scales=False)
+    ids = torch.tensor([sample["prompt"] + sample["generated"]])
+
+    def scored(temperature, scales):
+        return rollout.trainer_token_logprobs(rollout.realized_logprobs(logits, ids, temperature, scales), [sample])
+
+    raw = scored(0.7, scales=False)
+    assert raw == [torch.log_softmax(logits[0, 2:5], -1).double()[range(3), [4, 5, 6]].tolist()]  # token t+1 at t
     for temperature, expect_mismatch in ((1.0, False), (0.7, True)):
-        trainer = rollout.trainer_token_logprobs(full, [sample], temperature, scales=True)
+        trainer = scored(temperature, scales=True)
         m = rollout.compare([sample], raw, trainer)["c"]
         assert (m["max_abs_logprob"] > 1e-3) is expect_mismatch, (temperature, m)
 

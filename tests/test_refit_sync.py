@@ -53,6 +53,21 @@ def test_the_sync_file_keeps_the_trainers_send_order(tmp_path):
     assert all(torch.equal(got[k], state[k]) for k in state)
 
 
+def test_the_sync_file_streams_by_bucket_and_takes_a_tied_head(tmp_path):
+    from harness.convert.refit import read_tensors, sync_entries
+
+    embed = torch.randn(4, 3)
+    state = {"lm_head.weight": embed, "model.embed_tokens.weight": embed, "b": torch.arange(5, dtype=torch.bfloat16)}
+    path = save_sync_file(state, tmp_path / "sync.safetensors")  # the shared storage is copied, not refused
+    entries = sync_entries(path)  # from the header: names in send order, bytes
+    assert entries == [("lm_head.weight", 48), ("model.embed_tokens.weight", 48), ("b", 10)]
+    plan = bucket_names(entries, 60)
+    assert plan == [["lm_head.weight"], ["model.embed_tokens.weight", "b"]]
+    got = [read_tensors(dict.fromkeys(state, path), names) for names in plan]
+    assert [[name for name, _ in bucket] for bucket in got] == plan
+    assert all(torch.equal(t, state[name]) for bucket in got for name, t in bucket)
+
+
 # ---- the plan ----
 def test_refit_is_planned_only_where_megatron_trains_and_ids_stay():
     with_megatron = [c.id for c in build_plan(parse_spec(base_spec("m")))]

@@ -61,6 +61,25 @@ def test_judging_names_every_worker_over_the_bound_and_never_passes_on_nothing()
     assert certificate.judge_resources({}, 2 << 30, 3.0, 2.0)["status"] == "not_run"
 
 
+def test_a_worker_that_trained_is_judged_against_the_train_limit_where_the_spec_sets_one():
+    workers = {"vllm/float32": {"wall_s": 1.0, "peak_rss_bytes": 7 << 30, "largest_process_rss_bytes": 7 << 30,
+                                "processes": 1, "trains": False},
+               "megatron": {"wall_s": 1.0, "peak_rss_bytes": 12 << 30, "largest_process_rss_bytes": 9 << 30,
+                            "processes": 2, "trains": True}}
+    # 3 x 2 GiB + 2 GiB = 8 GiB for inference; 6 x 2 GiB + 2 GiB = 14 GiB for a worker that trained
+    judged = certificate.judge_resources(workers, 2 << 30, 3.0, 2.0, train_factor=6.0)
+    assert judged["status"] == "passed" and judged["train_limit_bytes"] == 14 << 30, judged
+    assert judged["reason"] == "worst vllm/float32 at 7.00 GiB, 0.88 of 8.00 GiB"
+    workers["vllm/float32"]["trains"] = True  # the same peaks, had the engine trained: both within 14 GiB
+    assert certificate.judge_resources(workers, 2 << 30, 3.0, 2.0, train_factor=6.0)["status"] == "passed"
+    workers["vllm/float32"]["trains"] = False
+    workers["vllm/float32"]["peak_rss_bytes"] = 9 << 30  # over 8 GiB: the train limit is never an engine's
+    failed = certificate.judge_resources(workers, 2 << 30, 3.0, 2.0, train_factor=6.0)
+    assert failed["status"] == "failed" and failed["reason"] == "vllm/float32 peaked at 9.00 GiB > 8.00 GiB"
+    # without a train factor every worker gets the one limit
+    assert "megatron peaked at 12.00 GiB" in certificate.judge_resources(workers, 2 << 30, 3.0, 2.0)["reason"]
+
+
 def _spec(tmp_path: Path, name: str, bound: str) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(textwrap.dedent(f"""\
@@ -139,6 +158,9 @@ def test_verify_rejudges_the_bound_from_the_recorded_peaks(runs, tmp_path, monke
     inflated = copy.deepcopy(cert)  # a peak over the limit, the bound still saying passed
     inflated["resources"]["workers"]["hf"]["peak_rss_bytes"] = inflated["resources"]["bound"]["limit_bytes"] + 1
     assert "bound's reason, status" in check(inflated)
+    trained = copy.deepcopy(cert)  # an HF-only run has no train row: hf may not claim the train limit
+    trained["resources"]["workers"]["hf"]["trains"] = True
+    assert "hf marked as having trained, but no train or refit row ran there" in check(trained)
     dropped = copy.deepcopy(cert)  # the spec asks for a bound: leaving it out is not allowed
     del dropped["resources"]["bound"]
     assert "records no judged bound" in check(dropped)

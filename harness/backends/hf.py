@@ -90,11 +90,13 @@ class HFBackend(Backend):
                 "config_keys_changed": config_diff}
 
     def op_logprobs(self, dir: str, dtype: str, prompts: dict[str, list[list[int]]],  # noqa: A002
-                    out_path: str, attention: str | None = None) -> dict[str, Any]:
-        """Full-vocabulary log-probabilities per prompt set ([batch, seq, vocab], right-padded)."""
+                    out_path: str, attention: str | None = None, realized: dict | None = None) -> dict[str, Any]:
+        """Full-vocabulary log-probabilities per prompt set ([batch, seq, vocab], right-padded); with `realized`
+        ({"temperature", "scales"}: rollout scoring) only each realized next token's ([batch, seq])."""
         import torch
         from safetensors.torch import save_file
 
+        from ..checks.rollout import realized_logprobs
         from ..train_step import make_batch
 
         model = self._eval_model(dir, dtype, attention)
@@ -104,7 +106,8 @@ class HFBackend(Backend):
             for name, seqs in prompts.items():
                 batch = self._on_device(make_batch(seqs))  # the same right padding every backend gets
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                outputs[name] = torch.log_softmax(logits.float(), dim=-1).cpu().contiguous()
+                outputs[name] = (realized_logprobs(logits, batch["input_ids"], **realized) if realized else
+                                 torch.log_softmax(logits.float(), dim=-1).cpu().contiguous())
         save_file(outputs, out_path)
         return {"path": out_path}
 

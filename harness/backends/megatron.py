@@ -340,11 +340,13 @@ class MegatronBackend(Backend):
 
     def op_logprobs(self, dir: str, dtypes: list[str], tp: int, pp: int,  # noqa: A002
                     prompts: dict[str, list[list[int]]], out_dir: str, template: str | None = None,
-                    ep: int = 1) -> dict[str, Any]:
-        """Convert, shard for (tp, pp, ep), run the layout's ranks; log-probs per dtype land in out_dir/<dtype>/.
+                    ep: int = 1, realized: dict | None = None) -> dict[str, Any]:
+        """Convert, shard for (tp, pp, ep), run the layout's ranks; log-probs per dtype land in out_dir/<dtype>/
+        (full vocabulary; with `realized`, rollout scoring: each realized next token's, checks.rollout).
         A MoE model's router decisions come beside them (routing.safetensors, megatron_ranks._logprobs)."""
         _, view, _, _, report, load_problems = self._run_ranks(dir, template, tp, pp, {
-            "mode": "logprobs", "dtypes": dtypes, "prompts": prompts, "out_dir": out_dir, "ep": ep})
+            "mode": "logprobs", "dtypes": dtypes, "prompts": prompts, "out_dir": out_dir, "ep": ep,
+            "realized": realized})
         result = {"out_dir": out_dir, "files": {d: f"{out_dir}/{d}/logprobs.safetensors" for d in dtypes},
                   "conversion_problems": report.problems(), "load_problems": load_problems}
         if view.get("num_moe_experts") and not load_problems:

@@ -116,8 +116,8 @@ class Rank:
         self.out = Path(job["out_dir"])
         self.out.mkdir(parents=True, exist_ok=True)
 
-    def build(self, dtype: str, shard, train: bool = False):
-        """The stage's GPTModel with its shard loaded, or None (all ranks agree) if any shard failed.
+    def build(self, dtype: str, read_shard, train: bool = False):
+        """The stage's GPTModel with its shard (`read_shard()`) loaded, or None (all ranks agree) if any shard failed.
         A MoE model that trains under TP is built sequence-parallel (megatron-core's MoE layer requires it)."""
         from megatron.core.models.gpt import GPTModel
 
@@ -133,7 +133,7 @@ class Rank:
             cpu_training_compat()  # the window mask is allocated on device="cuda" (CUDA_LITERAL_MODULES)
         model = GPTModel(tc, local_layer_spec(tc), pre_process=self.first, post_process=self.last,
                          parallel_output=False, **self.job["gpt_kwargs"]).to(self.device)
-        problems = _load(model, {k: v.to(tdtype) for k, v in shard.items()}, self.tag)
+        problems = _load(model, {k: v.to(tdtype) for k, v in read_shard().items()}, self.tag)
         flag = torch.tensor([len(problems)], dtype=torch.long, device=self.device)
         self.dist.all_reduce(flag)  # every rank skips together if any shard failed to load
         if problems:
@@ -163,6 +163,7 @@ class Rank:
 def _prompt_logprobs(r: Rank, model, tc, dtype: str, routing: dict | None = None) -> dict:
     """Full-vocabulary log-probs per prompt set (eval, no grad); filled on the last stage's writer rank.
     `routing` (a MoE model's eval): filled with this stage's router decisions per set on its writer rank."""
+    from ..checks.rollout import realized_logprobs
     from .megatron_capture import record_routing, routing_points
 
     torch = r.torch
@@ -172,18 +173,20 @@ def _prompt_logprobs(r: Rank, model, tc, dtype: str, routing: dict | None = None
     with torch.no_grad(), recording as records:
         for set_name, seqs in r.job["prompts"].items():
             _, out = r.forward(model, tc, dtype, seqs)
-            if r.last and r.writer:
+            if r.last and r.writer and (realized := r.job.get("realized")):  # rollout scoring: [batch, seq]
+                outputs[set_name] = realized_logprobs(out.cpu(), _causal_batch(seqs)[0], **realized)
+            elif r.last and r.writer:
                 outputs[set_name] = torch.log_softmax(out.float(), dim=-1).cpu().contiguous()
             if routing is not None and r.writer:
                 routing.update(routing_points(records, set_name, len(seqs), max(len(s) for s in seqs)))
     return outputs
 
 
-def _logprobs(r: Rank, shard) -> None:
+def _logprobs(r: Rank, read_shard) -> None:
     from safetensors.torch import save_file
 
     for dtype in r.job["dtypes"]:
-        model, tc = r.build(dtype, shard)
+        model, tc = r.build(dtype, read_shard)
         if model is not None:
             routing = {} if tc.num_moe_experts else None
             outputs = _prompt_logprobs(r, model, tc, dtype, routing)
@@ -196,9 +199,10 @@ def _logprobs(r: Rank, shard) -> None:
         r.dist.barrier()
 
 
-def _live(model) -> dict:
-    """The rank's live parameters (detached copies, in the dtype it trains in)."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+def _live(model, copy: bool = False) -> dict:
+    """The rank's live parameters, in the dtype it trains in: views, saved at once (`copy`: detached copies that
+    outlive the next step)."""
+    return {n: (p.detach().cpu().clone() if copy else p.detach().cpu()) for n, p in model.named_parameters()}
 
 
 # ---- seams: the trainer-side steps ROLL's megatron_train performs, one function each ----
@@ -281,7 +285,8 @@ def _main_weights(model, optimizer) -> dict:
     return weights
 
 
-def _fit(r: Rank, model, tc, dtype: str, steps: int, after_first_step=None, routing: dict | None = None):
+def _fit(r: Rank, model, tc, dtype: str, steps: int, after_first_step=None, routing: dict | None = None,
+         on_first_grads=None):
     """`steps` megatron-core train steps on the fixed batch; returns (losses, first-step grads).
 
     Each step: zero the gradient buffer, megatron-core's forward-backward schedule over
@@ -291,7 +296,8 @@ def _fit(r: Rank, model, tc, dtype: str, steps: int, after_first_step=None, rout
     load-balancing losses (_aux_losses). Sequence-parallel (MoE under TP): the batch is right-padded to a
     multiple of tp with masked labels. `routing` (a MoE model): filled with this rank's router decisions at
     every step (megatron_capture.train_routing_points) where it records them: data-parallel rank 0, every TP
-    rank when sequence-parallel (each routes its own chunk of the sequence), else TP rank 0."""
+    rank when sequence-parallel (each routes its own chunk of the sequence), else TP rank 0. `on_first_grads`:
+    takes the first-step gradients at once (written out, not held through the later steps; none returned)."""
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -350,6 +356,9 @@ def _fit(r: Rank, model, tc, dtype: str, steps: int, after_first_step=None, rout
         if step == 0:  # main_grad: the fp32 buffer after the schedule's finalize (÷ the batch's tokens)
             grads = {n: p.main_grad.detach().float().cpu().clone() for n, p in model.named_parameters()
                      if getattr(p, "main_grad", None) is not None}
+            if on_first_grads is not None:
+                on_first_grads(grads)
+                grads = {}
         optimizer_step(optimizer, step)
         if step == 0 and after_first_step is not None:
             after_first_step(optimizer)
@@ -407,19 +416,22 @@ def _aux_losses(r: Rank, tc) -> dict:
     return {f"layers.{i}": float(values[i]) / MICROBATCHES for i in _moe_layers(tc)}
 
 
-def _train(r: Rank, shard) -> None:
+def _train(r: Rank, read_shard) -> None:
     from safetensors.torch import save_file
 
     dtype = r.job["dtype"]
-    model, tc = r.build(dtype, shard, train=True)
+    model, tc = r.build(dtype, read_shard, train=True)
     if model is None:
         return
-    weights, routing = {}, ({} if tc.num_moe_experts else None)
-    # judged after the first update (see harness.train_step.first_update_weights)
-    losses, grads, aux = _fit(r, model, tc, dtype, r.job["steps"],
-                              lambda optimizer: weights.update(_main_weights(model, optimizer)), routing)
-    save_file(grads, str(r.out / f"grads_{r.tag}.safetensors"))
-    save_file(weights, str(r.out / f"weights_{r.tag}.safetensors"))
+    routing = {} if tc.num_moe_experts else None
+    # written as soon as they exist (a real-shape model's gradients and weights are two more copies of it);
+    # the weights are judged after the first update (see harness.train_step.first_update_weights)
+    def save(kind: str, tensors: dict) -> None:
+        save_file(tensors, str(r.out / f"{kind}_{r.tag}.safetensors"))
+
+    losses, _, aux = _fit(r, model, tc, dtype, r.job["steps"],
+                          lambda optimizer: save("weights", _main_weights(model, optimizer)), routing,
+                          on_first_grads=lambda grads: save("grads", grads))
     if routing:  # joined over the TP chunks and stages by the backend (megatron_capture.join_train_routing)
         save_file(routing, str(r.out / f"train_routing_{r.capture_tag}.safetensors"))
     if r.last and r.writer:
@@ -430,7 +442,7 @@ def _train(r: Rank, shard) -> None:
     r.dist.barrier()
 
 
-def _refit_source(r: Rank, shard) -> None:
+def _refit_source(r: Rank, read_shard) -> None:
     """The trainer side of an RL weight sync: job["steps"] train steps, then what the engine must reproduce.
 
     Writes the prompt log-probs before and after the step (last stage) and each rank's live
@@ -440,11 +452,11 @@ def _refit_source(r: Rank, shard) -> None:
     from safetensors.torch import save_file
 
     dtype = r.job["dtype"]
-    model, tc = r.build(dtype, shard, train=True)
+    model, tc = r.build(dtype, read_shard, train=True)
     if model is None:
         return
     before = _prompt_logprobs(r, model, tc, dtype)
-    stale = _live(model) if r.job.get("sync") == "pre-step" else None
+    stale = _live(model, copy=True) if r.job.get("sync") == "pre-step" else None
     losses, _, _ = _fit(r, model, tc, dtype, r.job.get("steps", 1))
     after = _prompt_logprobs(r, model, tc, dtype)
     save_file(stale if stale is not None else _live(model), str(r.out / f"live_{r.tag}.safetensors"))
@@ -455,14 +467,14 @@ def _refit_source(r: Rank, shard) -> None:
     r.dist.barrier()
 
 
-def _capture(r: Rank, shard) -> None:
+def _capture(r: Rank, read_shard) -> None:
     """Divergence localization: each rank's activation points (megatron_capture) on one batch, per dtype."""
     from safetensors.torch import save_file
 
     from .megatron_capture import capture
 
     for dtype in r.job["dtypes"]:
-        model, tc = r.build(dtype, shard)
+        model, tc = r.build(dtype, read_shard)
         if model is not None:
             model.eval()
             store: dict = {}
@@ -488,7 +500,9 @@ def run_rank(rank: int, world: int, port: int, job_path: str) -> None:
 
         import_spec_plugins(load_spec(job["spec_path"]))
     r = Rank(rank, world, port, job)
-    shard = load_file(str(Path(job["shard_dir"]) / f"{r.tag}.safetensors"))
-    MODES[job.get("mode", "logprobs")](r, shard)
+    path = str(Path(job["shard_dir"]) / f"{r.tag}.safetensors")
+    # read at each build and dropped once loaded: a real-shape shard held beside the model and its optimizer
+    # state is one more copy of the weights in every rank
+    MODES[job.get("mode", "logprobs")](r, lambda: load_file(path))
     r.dist.barrier()
     r.dist.destroy_process_group()

@@ -180,24 +180,30 @@ class VLLMBackend(Backend):
         (harness/convert/refit.py save_sync_file) in buckets of at most `bucket_bytes` through the
         in-place reload path, record prompt logprobs, then restore the checkpoint for later checks."""
         from .. import engine_record
-        from ..convert.refit import bucket_names, load_hf_state, load_sync_file, planted_fault
+        from ..convert.refit import bucket_names, checkpoint_entries, planted_fault, read_tensors, sync_entries
 
         llm = self._engine(dir, dtype)
-        checkpoint = load_hf_state(dir)
-        sent = load_sync_file(weights)
-        plan = bucket_names([(name, t.numel() * t.element_size()) for name, t in sent.items()], bucket_bytes)
+        # every side streams bucket by bucket from its file: a real-shape checkpoint, the trainer's tensors and
+        # the dummy state are never all in memory beside the engine's own weights
+        checkpoint = checkpoint_entries(dir)
+        files = {name: path for name, path, _ in checkpoint}
+        sent = sync_entries(weights)
+        sizes = dict(sent)
+        plan = bucket_names(sent, bucket_bytes)
+        own_plan = bucket_names([(name, size) for name, _, size in checkpoint], bucket_bytes)
         fault = planted_fault()
         dropped = [fault["bucket"]] if fault and fault["kind"] == "drop-bucket" else []
-        arrived = [[(name, sent[name]) for name in names] for i, names in enumerate(plan) if i not in dropped]
-        delivered = {name for bucket in arrived for name, _ in bucket}
+        arrived = [names for i, names in enumerate(plan) if i not in dropped]
+        delivered = {name for names in arrived for name in names}
+        trainer_files = dict.fromkeys(sizes, weights)
         try:
-            baseline = self._push(llm, [list(_dummy_like(checkpoint).items())])
+            baseline = self._push(llm, _dummy_buckets(files, own_plan))
             dummy = self._record(llm, prompts, top_k, max_new_tokens)
-            loaded = self._push(llm, arrived)
+            loaded = self._push(llm, (read_tensors(trainer_files, names) for names in arrived))
             record = self._record(llm, prompts, top_k, max_new_tokens)
         finally:
             try:  # later checks of this engine must see the checkpoint again, whatever the refit did
-                restored = self._push(llm, [list(checkpoint.items())])
+                restored = self._push(llm, (read_tensors(files, names) for names in own_plan))
             except Exception:
                 self._shutdown()  # a half-loaded engine is never reused
                 raise
@@ -208,11 +214,10 @@ class VLLMBackend(Backend):
         return {"path": engine_record.save(out_path, record),
                 "dummy_path": engine_record.save(f"{out_path}.dummy.json", dummy),
                 "bucket_bytes": bucket_bytes,
-                "buckets": [{"tensors": names, "bytes": sum(sent[n].numel() * sent[n].element_size() for n in names)}
-                            for names in plan],
+                "buckets": [{"tensors": names, "bytes": sum(sizes[n] for n in names)} for names in plan],
                 "dropped_buckets": dropped, "sent_tensors": len(sent), "delivered_tensors": len(delivered),
-                "undelivered": sorted(set(checkpoint) - delivered),
-                "unexpected": sorted(set(sent) - set(checkpoint)),
+                "undelivered": sorted(set(files) - delivered),
+                "unexpected": sorted(set(sizes) - set(files)),
                 "loaded": loaded["loaded"], "not_loaded": loaded["not_loaded"], "partially_loaded": partial,
                 "planted_fault": fault["text"] if fault else None,
                 "engine_workaround": CPU_MOE_REPACK if loaded["repacked_moe_layers"] else None}
@@ -241,13 +246,14 @@ class VLLMBackend(Backend):
 
     # ---- helpers ----
     @staticmethod
-    def _push(llm, buckets: list[list[tuple[str, Any]]]) -> dict[str, Any]:
+    def _push(llm, buckets) -> dict[str, Any]:
         """The engine's in-place weight reload (vLLM's reload_weights path, which ROLL's weight sync
         reaches): checkpoint-format tensors in, kernel-format (repacked) parameters out. Several
         buckets go through one reload: vLLM 0.32's layerwise reload buffers each layer's weights
         across load_weights calls and processes a layer once all its elements arrived (what its own
         weight-transfer engines do between start_weight_update and finish_weight_update). ROLL's worker
-        also calls load_weights once per bucket (then process_weights_after_loading once)."""
+        also calls load_weights once per bucket (then process_weights_after_loading once). `buckets`: any iterable,
+        read one bucket at a time (the engine is in-process: nothing is pickled)."""
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload.layerwise import (
             finalize_layerwise_reload, initialize_layerwise_reload)
@@ -414,12 +420,17 @@ def _layer_windows(layers) -> list | None:
     return [a.sliding_window for a in attns]
 
 
-def _dummy_like(state: dict) -> dict:
-    """vLLM's dummy-load values (uniform in +-1e-3, seeded) in checkpoint format, for the reload path."""
+def _dummy_buckets(files: dict[str, str], plan: list[list[str]]):
+    """vLLM's dummy-load values (uniform in +-1e-3, one seeded stream) in checkpoint format, bucket by bucket for
+    the reload path (each bucket's tensors read for their shapes and dtypes, then replaced)."""
     import torch
 
+    from ..convert.refit import read_tensors
+
     generator = torch.Generator().manual_seed(1234)
-    return {name: (torch.rand(t.shape, generator=generator) * 2e-3 - 1e-3).to(t.dtype) for name, t in state.items()}
+    for names in plan:
+        yield [(name, (torch.rand(t.shape, generator=generator) * 2e-3 - 1e-3).to(t.dtype))
+               for name, t in read_tensors(files, names)]
 
 
 BACKEND = VLLMBackend

@@ -20,20 +20,30 @@ from ..tolerances import BOTH_SIDES_FACTOR, BOUND_METRICS, ROLLOUT_METRICS, Cali
 ROLLOUT_BOUNDS = {key: BOUND_METRICS[key] for key in ROLLOUT_METRICS}
 
 
-def trainer_token_logprobs(full: torch.Tensor, samples: list[dict], temperature: float,
-                           scales: bool) -> list[list[float]]:
-    """`full`: the trainer's log-softmax [batch, seq, vocab] of prompt+generated, right padded."""
+def realized_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float,
+                      scales: bool) -> torch.Tensor:
+    """The trainer's log-prob of each realized next token, [batch, seq] float64 (position t scores input_ids[t + 1];
+    the last position is NaN): what a trainer backend's worker returns for rollout scoring instead of the
+    [batch, seq, vocab] log-softmax, which at a real vocabulary (151,936) is hundreds of MB per batch.
+    `logits` [batch, seq, vocab]; with `scales`, log_softmax(logits / T) as ROLL, verl and NeMo-RL score."""
+    out = torch.full(input_ids.shape, math.nan, dtype=torch.float64)
+    for i in range(input_ids.shape[0]):  # one sequence's float64 vocabulary rows at a time
+        rows = torch.log_softmax(logits[i, :-1].float(), dim=-1).double()
+        if scales:  # log_softmax is shift-invariant, so scaling log-probs equals scaling the logits
+            rows = torch.log_softmax(rows / temperature, dim=-1)
+        out[i, :-1] = rows.gather(-1, input_ids[i, 1:].long().cpu()[:, None]).squeeze(-1)
+    return out
+
+
+def trainer_token_logprobs(realized: torch.Tensor, samples: list[dict]) -> list[list[float]]:
+    """`realized` ([batch, seq], realized_logprobs of prompt+generated): each sample's generated tokens' scores."""
     out = []
     for i, sample in enumerate(samples):
-        if i >= full.shape[0]:  # the trainer scored fewer sequences: `coverage` names the gap
+        if i >= realized.shape[0]:  # the trainer scored fewer sequences: `coverage` names the gap
             out.append([])
             continue
         start = len(sample["prompt"]) - 1
-        rows = full[i, start:start + len(sample["generated"])].double()
-        tokens = sample["generated"][: rows.shape[0]]
-        if scales:  # log_softmax is shift-invariant, so scaling log-probs equals scaling the logits
-            rows = torch.log_softmax(rows / temperature, dim=-1)
-        out.append(rows.gather(-1, torch.tensor(tokens, dtype=torch.long)[:, None]).squeeze(-1).tolist())
+        out.append(realized[i, start:start + len(sample["generated"])].tolist())
     return out
 
 

@@ -67,11 +67,18 @@ def bucket_names(sizes: list[tuple[str, int]], bucket_bytes: int) -> list[list[s
 
 def save_sync_file(state: dict[str, torch.Tensor], path: str | Path) -> str:
     """The trainer's HF-named tensors as one safetensors file; the send order rides in the metadata
-    (safetensors sorts its header)."""
+    (safetensors sorts its header). A tensor is copied only where it shares storage with one before it (a tied
+    head): safetensors refuses shared tensors, and a real-shape model's copy would be one more model in memory."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(path),
-              metadata={"send_order": json.dumps(list(state))})
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().contiguous()
+        key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+        out[name] = tensor.clone() if key in seen else tensor
+        seen.add(key)
+    save_file(out, str(path), metadata={"send_order": json.dumps(list(state))})
     return str(path)
 
 
@@ -84,3 +91,52 @@ def load_sync_file(path: str | Path) -> dict[str, torch.Tensor]:
         order = json.loads((f.metadata() or {}).get("send_order", "[]"))
     state = load_file(str(path))
     return {name: state[name] for name in [*order, *sorted(set(state) - set(order))]}
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _entries(path: str | Path) -> list[tuple[str, int]]:
+    """(name, bytes) of a safetensors file's tensors, from its header alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        out = []
+        for name in f.keys():
+            view = f.get_slice(name)
+            numel = 1
+            for dim in view.get_shape():
+                numel *= dim
+            out.append((name, numel * _DTYPE_BYTES[view.get_dtype()]))
+        return out
+
+
+def sync_entries(path: str | Path) -> list[tuple[str, int]]:
+    """(name, bytes) of a sync file's tensors in the order the trainer sends them; nothing is loaded."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        order = json.loads((f.metadata() or {}).get("send_order", "[]"))
+    sizes = dict(_entries(path))
+    return [(name, sizes[name]) for name in [*order, *sorted(set(sizes) - set(order))]]
+
+
+def checkpoint_entries(directory: str | Path) -> list[tuple[str, str, int]]:
+    """(name, file, bytes) of every tensor of an HF checkpoint (index-aware, stream.hf_weight_files), in file order."""
+    from .stream import hf_weight_files
+
+    return [(name, str(f.path), size) for f in hf_weight_files(Path(directory)) for name, size in _entries(f.path)]
+
+
+def read_tensors(files: dict[str, str], names: list[str]) -> list[tuple[str, torch.Tensor]]:
+    """One bucket: the named tensors read from their files (`files`: name -> safetensors file)."""
+    from safetensors import safe_open
+
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    tensors: dict[str, torch.Tensor] = {}
+    for path, wanted in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            tensors.update((name, f.get_tensor(name)) for name in wanted)
+    return [(name, tensors[name]) for name in names]

@@ -485,7 +485,7 @@ def _resources(resources: Any) -> dict[str, Any] | None:
     if not isinstance(resources, dict) or not isinstance(resources.get("workers"), dict):
         return None
     gib = float(1 << 30)
-    rows = [{"name": str(name), "wall_s": f"{r.get('wall_s', 0):.1f}",
+    rows = [{"name": str(name), "trains": "yes" if r.get("trains") else "no", "wall_s": f"{r.get('wall_s', 0):.1f}",
              "peak": f"{r.get('peak_rss_bytes', 0) / gib:.2f}", "largest": f"{r.get('largest_process_rss_bytes', 0) / gib:.2f}"}
             for name, r in resources["workers"].items() if isinstance(r, dict)]
     bound = resources.get("bound") if isinstance(resources.get("bound"), dict) else None
