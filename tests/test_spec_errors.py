@@ -482,3 +482,17 @@ def test_cli_list_models(run_certify):
     assert {"qwen2", "llama"} <= set(rows)
     assert "INVALID" not in run.output
     assert "megatron" in rows["qwen2"]
+
+
+def test_the_deepspeed_grid_comes_from_the_spec():
+    from harness.plan import build_plan
+    from harness.spec import parse_spec
+
+    def rows(spec) -> list[str]:
+        return sorted({c.variant for c in build_plan(parse_spec(spec)) if (c.backend, c.suite) == ("deepspeed", "train")})
+
+    assert rows(base_spec()) == [f"zero{s}-ws{w}" for s in range(4) for w in (1, 2)]  # ROLL's strategies: all
+    assert rows(base_spec(deepspeed={"zero_stages": [3], "world_sizes": [2]})) == ["zero3-ws2"]
+    for bad in ({"zero_stages": [4]}, {"world_sizes": []}, {"zero": [3]}):
+        with pytest.raises(SpecError):
+            parse_spec(base_spec(deepspeed=bad))

@@ -89,7 +89,18 @@ def _train(engine, job, rank, world, torch, dist) -> None:
     batch = trainer_batch(job["sequences"])
     total = int((batch["labels"] != IGNORE).sum())
     mine = _placed({k: v[rank::world] for k, v in batch.items()}, engine)  # this data-parallel rank's rows
-    losses, grads, warmup, routed = [], {}, 0, {}
+    losses, warmup, routed = [], 0, {}
+    out = Path(job["out_dir"])
+
+    def spill(kind: str, tensors: dict) -> None:
+        """Rank 0 writes a whole-model copy as soon as it exists (checkpoint names: per-expert MoE tensors, as the
+        reference and Megatron report them); the other ranks only took part in the collective gathers. Held
+        through the later steps on every rank, the copies were 2 x the model per rank at a real shape."""
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in checkpoint_named(engine.module, tensors).items()},
+                      str(out / f"{kind}.safetensors"))
+
     moe = bool(moe_layer_ids(engine.module))
     for step in range(job["steps"]):
         store: dict = {}
@@ -101,11 +112,14 @@ def _train(engine, job, rank, world, torch, dist) -> None:
         reported = loss_sum.detach().clone()
         dist.all_reduce(reported)
         losses.append(float(reported) / total)
-        if step == 0:
+        if step == 0:  # written before the step changes them: no copies kept
+            grads = {}
             for name, param in engine.module.named_parameters():
                 grad = safe_get_full_grad(param)  # collective under ZeRO-3: every rank calls it
-                if grad is not None:
-                    grads[name] = grad.detach().float().clone()
+                if grad is not None and rank == 0:
+                    grads[name] = grad.detach().float()
+            spill("grads", grads)
+            del grads
         engine.step()
         if step == 0:
             warmup = _optimizer_steps(engine) - 1
@@ -113,19 +127,16 @@ def _train(engine, job, rank, world, torch, dist) -> None:
             for name, param in engine.module.named_parameters():
                 full = safe_get_full_fp32_param(param)  # None for plain ZeRO-0 fp32: the param is the master copy
                 full = unfused.get(id(param)) if full is None else full
-                weights[name] = (param if full is None else full).detach().float().clone()
+                if rank == 0:
+                    weights[name] = (param if full is None else full).detach().float()
+            spill("weights", weights)
+            del weights
     routing = _rows_in_order(routed, rank, world, len(batch["input_ids"]), dist) if moe else None
     if rank == 0:
-        out = Path(job["out_dir"])
-        out.mkdir(parents=True, exist_ok=True)
         extra = {}
         if routing:  # the router's decisions at every step, which a bf16 reference replays
             save_file(routing, str(out / "routing.safetensors"))
             extra["routing"] = str(out / "routing.safetensors")
-        # the checkpoint's names (per-expert MoE tensors), as the reference and Megatron report them
-        grads, weights = checkpoint_named(engine.module, grads), checkpoint_named(engine.module, weights)
-        save_file({k: v.contiguous() for k, v in grads.items()}, str(out / "grads.safetensors"))
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "weights.safetensors"))
         (out / "result.json").write_text(json.dumps({"losses": losses, "grads": str(out / "grads.safetensors"),
                                                      "weights": str(out / "weights.safetensors"),
                                                      "optimizer_warmup_steps": warmup, **extra}))

@@ -177,7 +177,7 @@ class HFBackend(Backend):
         import torch
         from safetensors.torch import load_file
 
-        from ..train_step import make_batch, reference_step, replay_routing, save_train_result
+        from ..train_step import make_batch, reference_step, replay_routing, save_train_result, spill_to
 
         torch_model = self._compute_model(dir, "float32")
         if attention:
@@ -187,7 +187,7 @@ class HFBackend(Backend):
                                 dtype=getattr(torch, dtype),
                                 compute_dtype=getattr(torch, compute_dtype) if compute_dtype else None,
                                 routing=replay_routing(load_file(routing)) if routing else None,
-                                aux_microbatches=aux_microbatches)
+                                aux_microbatches=aux_microbatches, spill=spill_to(out_dir))
         return save_train_result(result, out_dir)
 
 

@@ -110,6 +110,30 @@ def cpu_training_compat() -> None:
 
 
 @contextlib.contextmanager
+def cpu_stays_cpu():
+    """While building a GPTModel on CPU: tensor.cuda() leaves a CPU tensor where it is. A tied model whose head
+    sits on another pipeline stage than its embedding (PP > 1) moves the shared weight to CUDA before the first
+    stage's copy is all-reduced into the last stage's (megatron-core 0.16.1
+    LanguageModule.setup_embeddings_and_output_layer); on gloo the all-reduce runs on the CPU as it is."""
+    import torch
+
+    own = torch.Tensor.__dict__.get("cuda")
+    real = torch.Tensor.cuda
+
+    def cuda(self, *args, **kwargs):
+        return self if not torch.cuda.is_available() and self.device.type == "cpu" else real(self, *args, **kwargs)
+
+    torch.Tensor.cuda = cuda
+    try:
+        yield
+    finally:
+        if own is None:
+            del torch.Tensor.cuda
+        else:
+            torch.Tensor.cuda = own
+
+
+@contextlib.contextmanager
 def cuda_type_names():
     """While building megatron-core's optimizer on CPU: tensor.type() spells the CUDA type name."""
     import torch
@@ -385,21 +409,26 @@ class MegatronBackend(Backend):
         import json
 
         from ..convert import dist
-        from ..train_step import save_train_result
+        from ..train_step import save_train_result, spill_to
 
         template_obj, view, layout, mca_state, report, load_problems = self._run_ranks(dir, template, tp, pp, {
             "mode": "train", "dtype": dtype, "sequences": sequences, "steps": steps, "out_dir": out_dir, "ep": ep})
         if load_problems:  # a converter bug: judged as a failure naming the tensors, not a crash
             return {"load_problems": load_problems}
         result: dict[str, Any] = {"losses": json.loads((Path(out_dir) / "losses.json").read_text())}
+        spill = spill_to(f"{out_dir}/hf")  # each kind written once converted: one whole model in memory at a time
         for kind in ("grads", "weights"):
             shards = dist.load_rank_shards(out_dir, f"{kind}_", layout)  # whichever rank files exist
             try:
                 whole = dist.gather_as(shards, layout, mca_state)  # the template may spell TE names
             except dist.GatherError as exc:  # rank files that are not one model: judged, naming the tensors
                 return {"gather_problems": [f"{kind}: {p}" for p in exc.problems]}
+            del shards
             hf, back = template_obj.mca_to_hf(whole, view)
-            result[kind] = hf
+            del whole
+            spill(kind, hf)
+            result.setdefault("parameter_order", list(hf))
+            result[kind], hf = None, None
             result[f"{kind}_conversion_problems"] = back.problems()
         saved = save_train_result(result, f"{out_dir}/hf")
         aux = Path(out_dir) / "aux_losses.json"  # MoE: step 0's load-balancing terms (megatron_ranks._aux_losses)

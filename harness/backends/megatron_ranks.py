@@ -121,7 +121,7 @@ class Rank:
         A MoE model that trains under TP is built sequence-parallel (megatron-core's MoE layer requires it)."""
         from megatron.core.models.gpt import GPTModel
 
-        from .megatron import build_transformer_config, cpu_training_compat, local_layer_spec
+        from .megatron import build_transformer_config, cpu_stays_cpu, cpu_training_compat, local_layer_spec
 
         torch, tdtype = self.torch, getattr(self.torch, dtype)
         tc, _ = build_transformer_config(self.job["mca_kwargs"], dtype, cpu=not self.cuda)
@@ -131,8 +131,9 @@ class Rank:
                                  pipeline_dtype=tdtype, hidden_dropout=0.0, attention_dropout=0.0)
         if not self.cuda and tc.window_size:
             cpu_training_compat()  # the window mask is allocated on device="cuda" (CUDA_LITERAL_MODULES)
-        model = GPTModel(tc, local_layer_spec(tc), pre_process=self.first, post_process=self.last,
-                         parallel_output=False, **self.job["gpt_kwargs"]).to(self.device)
+        with cpu_stays_cpu() if not self.cuda else contextlib.nullcontext():  # a tied head on another stage
+            model = GPTModel(tc, local_layer_spec(tc), pre_process=self.first, post_process=self.last,
+                             parallel_output=False, **self.job["gpt_kwargs"]).to(self.device)
         problems = _load(model, {k: v.to(tdtype) for k, v in read_shard().items()}, self.tag)
         flag = torch.tensor([len(problems)], dtype=torch.long, device=self.device)
         self.dist.all_reduce(flag)  # every rank skips together if any shard failed to load
