@@ -146,15 +146,16 @@ def bench_a_full(engines, echo, model: str = "qwen2") -> list[Figure]:
             return [Figure("a", label, None, engines.GOAL, note=f"not measured: the harness run exited "
                                                                 f"{proc.returncode} with {len(calls)} calls logged")]
         echo("(a) bare HF, Megatron and DeepSpeed: bench/bare.py on the same calls")
-        started = time.perf_counter()
         bare = subprocess.run([sys.executable, str(BENCH / "bare.py"), str(log), "--out", str(work / "bare.json")],
                               cwd=REPO, capture_output=True, text=True)
-        trainers_s = time.perf_counter() - started
         if bare.returncode:
             return [Figure("a", label, None, engines.GOAL,
                            note=f"not measured: bench/bare.py exited {bare.returncode}: "
                                 f"{(bare.stderr.strip().splitlines() or [''])[-1][:300]}")]
-        echo(f"    {trainers_s:.0f} s")
+        replay = json.loads((work / "bare.json").read_text())
+        trainers_s = replay["wall_s"]  # its replay, the backends' worker starts included (its sanity check not)
+        sanity = replay.get("sanity", {})
+        echo(f"    {trainers_s:.0f} s; sanity {json.dumps(sanity)}")
         spec, plans, _, ref_dir = engines.plan_for(model, "float32", True, work)
         for dtype in spec.dtypes[1:]:  # config and registration run once, on the first dtype's engine
             extra = engines.build_plan(spec, dtype, ref_dir, spec_vocab(ref_dir))
@@ -172,7 +173,8 @@ def bench_a_full(engines, echo, model: str = "qwen2") -> list[Figure]:
     busy = ", ".join(f"{b} {s:.0f} s" for b, s in sorted(by_backend.items()))
     return [Figure("a", label, ratio(harness_s, bare_s), engines.GOAL, regime="wall, one round, both dtypes",
                    note=f"{harness_s:.0f} s harness ({len(calls)} worker calls; busy: {busy}) vs {bare_s:.0f} s bare "
-                        f"(HF + Megatron + DeepSpeed {trainers_s:.0f} s, vLLM {vllm_s:.0f} s); {tail}")]
+                        f"(HF + Megatron + DeepSpeed {trainers_s:.0f} s, vLLM {vllm_s:.0f} s); {tail}",
+                   detail={"sanity": sanity})]
 
 
 def spec_vocab(ref_dir: str) -> int:

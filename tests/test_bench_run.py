@@ -92,3 +92,28 @@ def test_the_test_suite_timing_runs_pytest_with_the_mode_given(bench, tmp_path):
     assert bench.test_command(["tests"], bench.TEST_MODES["-n 2 --dist worksteal"])[-4:] == [
         "-n", "2", "--dist", "worksteal"]
     assert all(Path(REPO / p).is_file() for p in bench.SUBSET)
+
+
+def test_the_bare_replay_makes_the_logged_calls_and_computes_the_same_thing(run_certify, tmp_path, monkeypatch):
+    """bench (a)'s baseline: CERTIFY_CALL_LOG records a certification's worker calls, bench/bare.py replays them
+    without the harness; its Megatron log-probs must be HF's (a baseline that computed less would flatter us)."""
+    import json
+
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("CERTIFY_CALL_LOG", str(log))
+    run = run_certify("--model", "qwen2", "--backend", "megatron", "--dtype", "float32", "-k",
+                      "logits and tp2pp1", timeout=600)
+    assert run.returncode == 0, run.output[-3000:]
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {(c["backend"], c["op"]) for c in calls} == {("hf", "materialize"), ("megatron", "logprobs"),
+                                                       ("hf", "logprobs")}
+    assert all(c["status"] == "ok" and c["seconds"] > 0 for c in calls)
+    out = tmp_path / "bare.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bare.py"), str(log), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert sorted((r["backend"], r["op"]) for r in result["calls"]) == [("hf", "logprobs"), ("megatron", "logprobs")]
+    assert [s["op"] for s in result["skipped"]] == ["materialize"]  # the cached checkpoint is not rebuilt
+    assert result["sanity"]["megatron_logprobs_vs_hf"]["max_abs_diff"] < 1e-4, result["sanity"]
+    assert result["wall_s"] > 0 and result["backends"]["megatron"]["busy_s"] > 0

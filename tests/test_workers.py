@@ -160,6 +160,23 @@ def test_pool_reuses_worker_and_replaces_a_dead_one():
     assert wait_dead(pid_a, replacement.pid) == []
 
 
+def test_a_backend_no_later_check_needs_is_closed_and_keeps_its_resources():
+    pool = WorkerPool()
+    try:
+        one, two = pool.get(SLEEPY, None, "float32"), pool.get(SLEEPY, None, "bfloat16")  # an engine per dtype
+        pids = [one.call("pid", timeout=30)["pid"], two.call("pid", timeout=30)["pid"]]
+        assert pool.close_backend(SLEEPY, "other-spec.yaml") == 0  # another spec's workers are not touched
+        assert pool.close_backend(SLEEPY, None) == 2
+        assert wait_dead(*pids) == []
+        records = pool.resources(None)  # measured until closed, still in the certificate
+        assert set(records) == {f"{SLEEPY}/float32", f"{SLEEPY}/bfloat16"}
+        assert all(r["wall_s"] > 0 and r["peak_rss_bytes"] > 0 for r in records.values())
+        again = pool.get(SLEEPY, None, "float32")  # a later call starts a fresh one
+        assert again.call("pid", timeout=30)["pid"] not in pids
+    finally:
+        pool.close()
+
+
 def test_pool_remembers_a_failed_start():
     pool = WorkerPool()
     try:
