@@ -642,10 +642,13 @@ def megatron_rank(rank, world, port, job):
 
 
 # ---------------------------------------------------------------- deepspeed backend
-def ds_config(stage, dtype):
+def ds_config(stage, dtype, hidden):
+    zero = {"stage": stage, "memory_efficient_linear": False, "reduce_bucket_size": hidden * hidden}  # HF's "auto"
+    if stage == 3:
+        zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden * hidden), stage3_param_persistence_threshold=10 * hidden)
     return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
             "optimizer": {"type": "AdamW", "params": {**OPTIMIZER, "betas": list(OPTIMIZER["betas"]), "torch_adam": True}},
-            "zero_optimization": {"stage": stage, "memory_efficient_linear": False}, "bf16": {"enabled": dtype == "bfloat16"},
+            "zero_optimization": zero, "bf16": {"enabled": dtype == "bfloat16"},
             "gradient_clipping": 0.0, "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
 
 
@@ -660,7 +663,7 @@ def deepspeed_rank(rank, world, port, job):
 
     deepspeed.init_distributed(dist_backend="gloo")
     model = AutoModelForCausalLM.from_pretrained(job["dir"], dtype=torch.float32)
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config(job["stage"], job["dtype"]),
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config(job["stage"], job["dtype"], int(model.config.hidden_size)),
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
     (ds_train_steps if job["mode"] == "train" else ds_infer)(engine, job, rank, world, torch, dist)
     dist.barrier()

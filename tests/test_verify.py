@@ -331,3 +331,12 @@ def test_a_train_rows_routing_bounds_are_re_derived_at_the_routing_suites_factor
         bound = record(key, "bfloat16", spec.tolerances, Calibration("m", {key: noise}, factor))
         assert bound["value"] == pytest.approx(noise * factor)
         assert _expected_bound(check, key, bound, spec) == bound, key
+
+
+@pytest.mark.parametrize("example", sorted(p.parent.name for p in (REPO / "reports" / "examples").glob("*/certificate.json")))
+def test_every_example_certificate_still_verifies(example):
+    """The certificates the README points at are re-judged by today's verify (their embedded specs)."""
+    path = REPO / "reports" / "examples" / example / "certificate.json"
+    proc = subprocess.run([sys.executable, "-m", "harness", "verify", str(path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"OK {path}"), proc.stdout + proc.stderr

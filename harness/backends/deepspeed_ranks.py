@@ -7,15 +7,22 @@ import os
 from pathlib import Path
 
 
-def _config(stage: int, dtype: str) -> dict:
+def _config(stage: int, dtype: str, hidden_size: int) -> dict:
     from ..train_step import OPTIMIZER
 
+    # the bucket sizes transformers' DeepSpeed integration gives "auto" (HfTrainerDeepSpeedConfig), which ROLL's
+    # strategy configs use; DeepSpeed's own defaults (5e8 elements: 2 GB fp32 buffers per rank) do not fit a real
+    # shape beside two ranks on 24 GiB. Bucketing groups the reductions; each element's sum is the same.
+    zero = {"stage": stage, "memory_efficient_linear": False,  # ZeRO-3 would otherwise replace F.linear globally
+            "reduce_bucket_size": hidden_size * hidden_size}
+    if stage == 3:
+        zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
+                    stage3_param_persistence_threshold=10 * hidden_size)
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "optimizer": {"type": "AdamW", "params": {**OPTIMIZER, "betas": list(OPTIMIZER["betas"]), "torch_adam": True}},
-        # ZeRO-3 would otherwise replace F.linear globally with its memory-efficient version
-        "zero_optimization": {"stage": stage, "memory_efficient_linear": False},
+        "zero_optimization": zero,
         "bf16": {"enabled": dtype == "bfloat16"},
         "gradient_clipping": 0.0,
         "steps_per_print": 1 << 30,
@@ -68,7 +75,8 @@ def run_rank(rank: int, world: int, port: int, job_path: str) -> None:
     import torch.distributed as dist
 
     model = provide_model(job["dir"])
-    engine, *_ = deepspeed.initialize(model=model, config=_config(job["stage"], job["dtype"]),
+    engine, *_ = deepspeed.initialize(model=model, config=_config(job["stage"], job["dtype"],
+                                                                  int(model.config.hidden_size)),
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
     if job["mode"] == "train":
         _train(engine, job, rank, world, torch, dist)
