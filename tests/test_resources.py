@@ -164,3 +164,9 @@ def test_verify_rejudges_the_bound_from_the_recorded_peaks(runs, tmp_path, monke
     dropped = copy.deepcopy(cert)  # the spec asks for a bound: leaving it out is not allowed
     del dropped["resources"]["bound"]
     assert "records no judged bound" in check(dropped)
+
+
+def test_the_page_shows_the_train_limit_where_the_spec_sets_one():
+    cert = json.loads((REPO / "reports" / "examples" / "qwen2_5_0_5b_shape-cpu" / "certificate.json").read_text())
+    page = render_model_page(cert)
+    assert "a worker that trained: 7.0 × checkpoint + 2.0 GiB" in page and "deepspeed peaked at" in page
