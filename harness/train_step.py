@@ -218,9 +218,8 @@ def reference_step(model, batch: dict[str, torch.Tensor], steps: int = STEPS, wa
             named = checkpoint_named(model, {n: p.grad.detach().float() for n, p in master.items() if p.grad is not None})
             spill("grads", named)
             order, grads, named = list(named), None, None
-        elif step == 0:
-            grads = {n: p.grad.detach().float().clone() for n, p in master.items() if p.grad is not None}
-            order = list(checkpoint_named(model, grads))
+        elif step == 0:  # order: save_train_result takes the returned grads' own
+            grads, order = {n: p.grad.detach().float().clone() for n, p in master.items() if p.grad is not None}, None
         optimizer.step()
         if step == 0:
             weights = first_update_weights(model.named_parameters())
@@ -276,9 +275,10 @@ def save_train_result(result: dict[str, Any], out_dir: str) -> dict[str, Any]:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    spill = spill_to(out_dir)
     for kind in ("grads", "weights"):  # None: reference_step spilled them there already (spill_to)
         if result[kind] is not None:
-            save_file({k: v.contiguous() for k, v in result[kind].items()}, str(out / f"{kind}.safetensors"))
+            spill(kind, result[kind])
     # parameter_order: the producer's own order (the reference's is named_parameters(), the forward order)
     extra = {"aux_losses": result["aux_losses"]} if "aux_losses" in result else {}
     if result.get("routing"):  # a MoE model's router decisions per step (routing_key names)

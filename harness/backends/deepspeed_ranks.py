@@ -92,22 +92,20 @@ def _train(engine, job, rank, world, torch, dist) -> None:
     from safetensors.torch import save_file
 
     from ..capture import routing_capture
-    from ..train_step import IGNORE, checkpoint_named, loss_sum_and_count, moe_layer_ids, routing_key
+    from ..train_step import IGNORE, checkpoint_named, loss_sum_and_count, moe_layer_ids, routing_key, spill_to
 
     batch = trainer_batch(job["sequences"])
     total = int((batch["labels"] != IGNORE).sum())
     mine = _placed({k: v[rank::world] for k, v in batch.items()}, engine)  # this data-parallel rank's rows
     losses, warmup, routed = [], 0, {}
-    out = Path(job["out_dir"])
+    out, write = Path(job["out_dir"]), spill_to(job["out_dir"])
 
     def spill(kind: str, tensors: dict) -> None:
         """Rank 0 writes a whole-model copy as soon as it exists (checkpoint names: per-expert MoE tensors, as the
         reference and Megatron report them); the other ranks only took part in the collective gathers. Held
         through the later steps on every rank, the copies were 2 x the model per rank at a real shape."""
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in checkpoint_named(engine.module, tensors).items()},
-                      str(out / f"{kind}.safetensors"))
+            write(kind, checkpoint_named(engine.module, tensors))
 
     moe = bool(moe_layer_ids(engine.module))
     for step in range(job["steps"]):

@@ -84,13 +84,10 @@ def save_sync_file(state: dict[str, torch.Tensor], path: str | Path) -> str:
 
 def load_sync_file(path: str | Path) -> dict[str, torch.Tensor]:
     """The trainer's tensors in the order the trainer sends them."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as f:
-        order = json.loads((f.metadata() or {}).get("send_order", "[]"))
     state = load_file(str(path))
-    return {name: state[name] for name in [*order, *sorted(set(state) - set(order))]}
+    return {name: state[name] for name, _ in sync_entries(path)}
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
