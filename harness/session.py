@@ -167,6 +167,16 @@ class CertifySession:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def release(self, out_dir: str) -> None:
+        """Delete a measurement's files once its check is judged, and forget the measurement (a later call
+        makes it again). A real shape's train step writes 4 GB a run (first-step gradients and weights); kept
+        for the whole session, they filled the disk before the last train row."""
+        import shutil
+
+        shutil.rmtree(out_dir, ignore_errors=True)
+        for key in [k for k in self._memo if json.loads(k)[3].get("out_dir") == out_dir]:
+            del self._memo[key]
+
     def tolerance(self, check: PlannedCheck, metrics: list[str]) -> dict[str, float]:
         return resolve(check.dtype or "float32", self.specs[check.model].tolerances, metrics)
 

@@ -47,9 +47,13 @@ def _noise(certify, check, warmup: int, reference: dict, replay: str | None = No
     return [(reference, exact), (run(None, "eager"), exact)]
 
 
+def _backend_out_dir(certify, check) -> str:
+    return str(certify.scratch(check.model) / check.short_id.replace("/", "-"))
+
+
 def _run_backend(certify, check) -> dict:
     ref_dir = certify.reference_dir(check.model, "float32")
-    out_dir = str(certify.scratch(check.model) / check.short_id.replace("/", "-"))
+    out_dir = _backend_out_dir(certify, check)
     if check.backend == "deepspeed":
         stage, world = check.variant.removeprefix("zero").split("-ws")
         return certify.call(check.model, "deepspeed", "train", dir=ref_dir, stage=int(stage), dtype=check.dtype,
@@ -93,4 +97,5 @@ def _judge(certify, check, result):
 def test_train(check, certify, request):
     with certify.judging(check) as box:
         box["verdict"] = _judge(certify, check, _run_backend(certify, check))
+    certify.release(_backend_out_dir(certify, check))  # this row's own trainer output: no other check reads it
     conclude(request, certify, check, box["verdict"], box["seconds"])

@@ -259,3 +259,26 @@ def test_a_port_taken_before_bind_is_retried_on_a_new_one_and_other_errors_are_n
     assert len(ports) == 1
     with pytest.raises(RuntimeError, match="EADDRINUSE"):
         on_a_fresh_port(lambda port: (_ for _ in ()).throw(RuntimeError("EADDRINUSE")), (RuntimeError,), attempts=2)
+
+
+def test_workers_start_with_a_fixed_malloc_mmap_threshold_unless_the_user_set_one(monkeypatch):
+    """glibc's heap kept a real-shape DeepSpeed rank's freed layer tensors (12 GiB after three steps, OOM-killed;
+    7.3 GiB with the threshold fixed): every worker, and the ranks it spawns, starts with MALLOC_ENV; a user's
+    own value wins, and Ray actors get it forwarded (they start in the cluster's environment)."""
+    from harness.backends.ray_executor import _forwarded_env
+    from harness.workers import MALLOC_ENV
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    names = {"names": list(MALLOC_ENV)}
+    w = Worker(SLEEPY, None, start_timeout=60)
+    try:
+        assert w.call("env", names, timeout=30)["env"] == MALLOC_ENV
+    finally:
+        w.close()
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    w = Worker(SLEEPY, None, start_timeout=60)
+    try:
+        assert w.call("env", names, timeout=30)["env"] == {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    finally:
+        w.close()
+    assert _forwarded_env()["MALLOC_MMAP_THRESHOLD_"] == "65536"

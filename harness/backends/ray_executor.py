@@ -20,8 +20,10 @@ from pathlib import Path
 from .rank_setup import LOCAL_RANK_ENV, MASTER_ADDR_ENV
 
 # what the ranks inherit from the worker on the local path, forwarded to actors (a cluster's own
-# processes do not have it): harness seams and caches, torch/DeepSpeed/NCCL/gloo settings, the import path
-FORWARDED = ("HARNESS_", "CERTIFY_", "DS_", "TORCH_", "NCCL_", "GLOO_", "HF_", "TRANSFORMERS_", "PYTHONPATH")
+# processes do not have it): harness seams and caches, torch/DeepSpeed/NCCL/gloo settings, the import path,
+# glibc's allocator settings (harness.workers.MALLOC_ENV: read when a process starts, as an actor's does)
+FORWARDED = ("HARNESS_", "CERTIFY_", "DS_", "TORCH_", "NCCL_", "GLOO_", "HF_", "TRANSFORMERS_", "PYTHONPATH",
+             "MALLOC_")
 TAIL_CHARS = 2000
 _LOCAL: dict[str, int] = {}  # the local instance this process started: {"cpus": N}
 
