@@ -19,13 +19,13 @@ def _config(stage: int, dtype: str, hidden_size: int) -> dict:
     zero = {"stage": stage, "memory_efficient_linear": False,  # ZeRO-3 would otherwise replace F.linear globally
             "reduce_bucket_size": hidden_size * hidden_size}
     if stage == 3:
+        live = LIVE_LAYERS * 16 * hidden_size * hidden_size
         # max live / reuse distance: DeepSpeed's 1e9 elements keep every gathered parameter of a model under 1e9
         # through the backward (the whole model again on each rank); a few layers' worth is released after use and
         # gathered again. Where a parameter lives changes no value it takes.
         zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
                     stage3_param_persistence_threshold=10 * hidden_size,
-                    stage3_max_live_parameters=LIVE_LAYERS * 16 * hidden_size * hidden_size,
-                    stage3_max_reuse_distance=LIVE_LAYERS * 16 * hidden_size * hidden_size)
+                    stage3_max_live_parameters=live, stage3_max_reuse_distance=live)
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -83,8 +83,8 @@ def run_rank(rank: int, world: int, port: int, job_path: str) -> None:
     import torch.distributed as dist
 
     model = provide_model(job["dir"])
-    config = _config(job["stage"], job["dtype"], int(model.config.hidden_size))
-    engine, *_ = deepspeed.initialize(model=model, config=config,
+    engine, *_ = deepspeed.initialize(model=model, config=_config(job["stage"], job["dtype"],
+                                                                  int(model.config.hidden_size)),
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
     if job["mode"] == "train":
         _train(engine, job, rank, world, torch, dist)
