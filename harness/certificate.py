@@ -210,6 +210,8 @@ def bound_text(key: str, bound: Any) -> str:
     if not isinstance(bound, dict):
         return f"{key}{'≥' if key.startswith('min_') else '≤'}{_short(bound)}"
     text = f"{key}{'≤' if bound.get('upper', True) else '≥'}{_short(bound.get('value'))} ({bound.get('source')}"
+    if isinstance(relative := bound.get("relative"), dict):  # tolerances.RELATIVE
+        text += f": {_short(relative['atol'])} + {_short(relative['rtol'])} × {_short(relative['scale'])}"
     if bound.get("loosened_by_spec"):
         text += f", loosened by the spec from {_short(bound.get('harness_value'))}"
     if isinstance(bound.get("evidence"), dict):  # the checked-in calibration's measurement it rests on

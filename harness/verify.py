@@ -155,7 +155,9 @@ def _expected_bound(check: dict[str, Any], key: str, bound: dict[str, Any], spec
         evidence = bound["calibration"]
         calibration = Calibration(evidence["method"], {bound["metric"]: evidence["noise"]},
                                   calibration_factor(check["suite"], key))
-    return record(key, check["dtype"] or "float32", spec.tolerances, calibration)
+    reference_losses = ((check.get("metrics") or {}).get("loss_curve") or {}).get("reference") or []
+    scale = max((abs(loss) for loss in reference_losses), default=None)  # tolerances.RELATIVE: the train loss
+    return record(key, check["dtype"] or "float32", spec.tolerances, calibration, scale)
 
 
 def check_bounds(check: dict[str, Any], spec) -> None:
@@ -186,7 +188,7 @@ def check_bounds(check: dict[str, Any], spec) -> None:
             raise Invalid(f"{where}: bound {key} calibrated on a floor of {bound['calibration']['floor']!r}, "
                           f"the harness's is {_expected_floor(key)!r}")
         expected = _expected_bound(check, key, bound, spec)
-        for field in ("value", "metric", "upper", "source", "harness_value", "loosened_by_spec"):
+        for field in ("value", "metric", "upper", "source", "harness_value", "loosened_by_spec", "relative"):
             if bound.get(field) != expected.get(field):
                 raise Invalid(f"{where}: bound {key} {field} is {bound.get(field)!r}, the harness derives "
                               f"{expected.get(field)!r} from its defaults, the spec and the recorded evidence")

@@ -153,7 +153,9 @@ def evaluate(reference: dict[str, Any], result: dict[str, Any], dtype: str, spec
     calibration = None
     if dtype != "float32":
         calibration = Calibration(CALIBRATION_METHOD, worst_noise(noise or []), FACTOR)
-    tolerance = resolve(dtype, spec_tolerances, TRAIN_METRICS, calibration)
+    # fp32: the loss bound's relative part scales with the reference's loss (tolerances.RELATIVE)
+    scale = max((abs(loss) for loss in reference["losses"]), default=None)
+    tolerance = resolve(dtype, spec_tolerances, TRAIN_METRICS, calibration, scale)
     extra, extra_metrics = [], {}
     if own_routing is not None:
         routed = _routing_verdict(own_routing, result.get("routing"), sequences, dtype, spec_tolerances, where)

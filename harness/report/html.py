@@ -149,6 +149,9 @@ def _source_text(record: dict[str, Any]) -> str:
     if record.get("calibration"):
         cal = record["calibration"]
         text += f": {cal.get('method', '')}, noise {fmt(cal.get('noise'))}"
+    if isinstance(relative := record.get("relative"), dict):  # tolerances.RELATIVE
+        text += f": {relative.get('rule', '')}: {fmt(relative.get('atol'))} + {fmt(relative.get('rtol'))} × " \
+                f"{fmt(relative.get('scale'))}"
     if record.get("loosened_by_spec"):
         text += f" — loosened by the spec (the harness would use {fmt(record.get('harness_value'))})"
     return text
