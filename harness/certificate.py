@@ -120,7 +120,8 @@ def resources_section(workers: dict[str, dict[str, Any]], checkpoint_bytes: int 
     """The certificate's `resources`; `bound` is the spec's peak_rss_bound (None: shown, not judged)."""
     from .workers import SAMPLE_INTERVAL_S
 
-    section = {"workers": workers, "sampling": f"/proc every {SAMPLE_INTERVAL_S}s over each worker's process group"}
+    section = {"workers": workers, "sampling": f"/proc every {SAMPLE_INTERVAL_S}s over each worker's process group: "
+                                               "its members' PSS summed, floored by the largest one's VmHWM"}
     if bound is not None:
         section["bound"] = judge_resources(workers, checkpoint_bytes, bound.checkpoint_factor, bound.extra_gib,
                                            bound.train_checkpoint_factor)

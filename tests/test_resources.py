@@ -41,6 +41,41 @@ def test_meter_sums_the_whole_process_group_and_keeps_each_high_water_mark():
     assert record["processes"] == 2 and record["wall_s"] >= 1.5
 
 
+# A parent that maps and reads a 300 MiB file, then forks two children that read the same pages: three
+# processes share one copy (RSS 300 MiB each, PSS 100 MiB each).
+_SHARED = """
+import mmap, os, sys, time
+with open(sys.argv[1], "rb") as handle:
+    pages = mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ)
+touched = sum(pages[i] for i in range(0, len(pages), 4096))
+children = []
+for _ in range(2):
+    pid = os.fork()
+    if pid == 0:
+        touched = sum(pages[i] for i in range(0, len(pages), 4096))
+        time.sleep(1.5)
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+"""
+
+
+def test_pages_shared_by_a_groups_processes_count_once(tmp_path):
+    """The group's total is its members' PSS (a library every rank maps is one copy), not their RSS summed."""
+    shared = tmp_path / "shared.bin"
+    shared.write_bytes(os.urandom(300 * MIB))
+    proc = subprocess.Popen([sys.executable, "-c", _SHARED, str(shared)], start_new_session=True)
+    meter = ResourceMeter(proc.pid)
+    proc.wait(timeout=60)
+    meter.stop()
+    record = meter.record()
+    assert record["processes"] == 3, record
+    assert record["largest_process_rss_bytes"] >= 300 * MIB, record  # each member holds all of it resident
+    # summed RSS would be >= 900 MiB; one copy plus three interpreters is well under 600
+    assert 300 * MIB <= record["peak_rss_bytes"] < 600 * MIB, record
+
+
 def test_a_restarted_worker_adds_wall_time_and_keeps_the_larger_peak():
     a = {"wall_s": 2.0, "peak_rss_bytes": 10, "largest_process_rss_bytes": 8, "processes": 3}
     b = {"wall_s": 1.5, "peak_rss_bytes": 7, "largest_process_rss_bytes": 9, "processes": 1}

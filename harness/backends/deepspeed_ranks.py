@@ -100,20 +100,22 @@ def _train(engine, job, rank, world, torch, dist) -> None:
     from safetensors.torch import save_file
 
     from ..capture import routing_capture
-    from ..train_step import IGNORE, checkpoint_named, loss_sum_and_count, moe_layer_ids, routing_key, spill_to
+    from ..train_step import IGNORE, StreamSpill, loss_sum_and_count, moe_layer_ids, routing_key
 
     batch = trainer_batch(job["sequences"])
     total = int((batch["labels"] != IGNORE).sum())
     mine = _placed({k: v[rank::world] for k, v in batch.items()}, engine)  # this data-parallel rank's rows
     losses, warmup, routed = [], 0, {}
-    out, write = Path(job["out_dir"]), spill_to(job["out_dir"])
+    out = Path(job["out_dir"])
+    # the full shape of every parameter (ZeRO-3 keeps a partition in .data; ds_shape is the whole)
+    shapes = {name: tuple(getattr(param, "ds_shape", param.shape)) for name, param in engine.module.named_parameters()}
 
-    def spill(kind: str, tensors: dict) -> None:
-        """Rank 0 writes a whole-model copy as soon as it exists (checkpoint names: per-expert MoE tensors, as the
-        reference and Megatron report them); the other ranks only took part in the collective gathers. Held
-        through the later steps on every rank, the copies were 2 x the model per rank at a real shape."""
-        if rank == 0:
-            write(kind, checkpoint_named(engine.module, tensors))
+    def spill(kind: str):
+        """Rank 0 writes each gathered parameter at once (checkpoint names: per-expert MoE tensors, as the
+        reference and Megatron report them); the other ranks only take part in the collective gathers. Whole-model
+        copies, held on every rank through the later steps, were 2 x the model per rank at a real shape; one
+        gathered on rank 0 before writing, 1 x more there."""
+        return StreamSpill(job["out_dir"], kind, engine.module, shapes) if rank == 0 else None
 
     moe = bool(moe_layer_ids(engine.module))
     for step in range(job["steps"]):
@@ -127,24 +129,24 @@ def _train(engine, job, rank, world, torch, dist) -> None:
         dist.all_reduce(reported)
         losses.append(float(reported) / total)
         if step == 0:  # written before the step changes them: no copies kept
-            grads = {}
+            grads = spill("grads")
             for name, param in engine.module.named_parameters():
                 grad = safe_get_full_grad(param)  # collective under ZeRO-3: every rank calls it
-                if grad is not None and rank == 0:
-                    grads[name] = grad.detach().float()
-            spill("grads", grads)
-            del grads
+                if grad is not None and grads is not None:
+                    grads.write(name, grad)
+            if grads is not None:
+                grads.close()
         engine.step()
         if step == 0:
             warmup = _optimizer_steps(engine) - 1
-            weights, unfused = {}, _unfused_masters(engine)
+            weights, unfused = spill("weights"), _unfused_masters(engine)
             for name, param in engine.module.named_parameters():
                 full = safe_get_full_fp32_param(param)  # None for plain ZeRO-0 fp32: the param is the master copy
                 full = unfused.get(id(param)) if full is None else full
-                if rank == 0:
-                    weights[name] = (param if full is None else full).detach().float()
-            spill("weights", weights)
-            del weights
+                if weights is not None:
+                    weights.write(name, param if full is None else full)
+            if weights is not None:
+                weights.close()
     routing = _rows_in_order(routed, rank, world, len(batch["input_ids"]), dist) if moe else None
     if rank == 0:
         extra = {}
