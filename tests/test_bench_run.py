@@ -60,9 +60,17 @@ def test_results_are_appended_with_the_machine_under_one_header(bench, tmp_path)
     assert "| (b) | moe | — | <= 1.5x | not measured |  | not measured: a / b |" in text
 
 
-def test_the_moe_figure_is_not_measured_until_expert_conversion_lands(bench, tmp_path):
-    [figure] = bench.bench_moe(None, 1, print, tmp_path / "absent")
-    assert figure.value is None and "had not landed" in figure.note
+def test_a_moe_conversion_that_fails_is_not_measured_with_its_error(bench, tmp_path):
+    class Failing:
+        def regime(self, cache, fsync):
+            return cache
+
+        def measure(self, src, rounds, layout, cache, fsync):
+            raise RuntimeError(f"convert exited 1\nConvertError: {src}/model.safetensors: mlp.experts unmapped")
+
+    [figure] = bench.bench_moe(Failing(), 1, print, tmp_path)
+    assert figure.value is None and figure.note == f"not measured: ConvertError: {tmp_path}/model.safetensors: " \
+                                                   "mlp.experts unmapped"
 
 
 def test_conversion_bench_runs_cold_and_fsyncd_on_a_tiny_checkpoint(bench):
