@@ -89,6 +89,24 @@ def run_rank_group(run_rank, world: int, job_path: str, spec=None, device: str =
         return
     from .backends import ray_executor
 
-    sizes = [layout.world_size for layout in getattr(spec, "parallel", None) or []]  # pp * lcm(tp, ep)
     ray_executor.run_ranks(run_rank, world, job_path, device=device, address=executor.address,
-                           timeout=group_timeout(spec), cpus=max([world, *sizes]))
+                           timeout=group_timeout(spec), cpus=group_cpus(spec, world))
+
+
+def group_cpus(spec=None, world: int = 1) -> int:
+    """The CPUs a local Ray instance is sized for: the largest rank group the spec plans (Megatron pp * lcm(tp,
+    ep), DeepSpeed's world sizes), so that one instance serves every layout."""
+    sizes = [layout.world_size for layout in getattr(spec, "parallel", None) or []]
+    sizes += list(getattr(getattr(spec, "deepspeed", None), "world_sizes", None) or [])
+    return max([world, *sizes])
+
+
+def prestart(spec=None, device: str = "cpu") -> None:
+    """At a rank-group backend's worker start: with the Ray executor, join the cluster or start the local
+    instance in the background (ray.init takes ~4 s here), overlapping the worker's imports and its first
+    conversion; the first rank group then finds Ray up. Local spawn: nothing to do."""
+    if resolve(spec).kind != "ray":
+        return
+    from .backends import ray_executor
+
+    ray_executor.start_in_background(resolve(spec).address, group_cpus(spec), device)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..executor import run_rank_group
+from ..executor import prestart, run_rank_group
 from .base import Backend
 
 
@@ -61,6 +61,7 @@ class DeepSpeedBackend(Backend):
     def setup(self) -> None:
         # the ranks set it from the job's device; this is for anything importing deepspeed in the worker
         os.environ["DS_ACCELERATOR"] = accelerator_for(self.device)
+        prestart(self.spec, self.device)  # the Ray executor's start overlaps the rest
 
     def _spawn(self, job: dict[str, Any], world: int) -> None:
         from .deepspeed_ranks import run_rank

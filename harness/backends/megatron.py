@@ -27,7 +27,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ..executor import run_rank_group
+from ..executor import prestart, run_rank_group
 from .base import Backend, init_single_rank_group
 
 ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "relu": "relu"}
@@ -278,6 +278,7 @@ class MegatronBackend(Backend):
     packages = ("torch", "megatron-core")
 
     def setup(self) -> None:
+        prestart(getattr(self, "spec", None), self.device)  # the Ray executor's start overlaps the rest
         import torch.distributed as dist
         from megatron.core import parallel_state, tensor_parallel
 

@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ FORWARDED = ("HARNESS_", "CERTIFY_", "DS_", "TORCH_", "NCCL_", "GLOO_", "HF_", "
              "MALLOC_")
 TAIL_CHARS = 2000
 _LOCAL: dict[str, int] = {}  # the local instance this process started: {"cpus": N}
+_INIT = threading.Lock()  # ensure_ray from the worker's start (start_in_background) and from a rank group
 
 
 class RankGroupError(RuntimeError):
@@ -82,18 +84,37 @@ def ensure_ray(address: str | None, cpus: int, device: str = "cpu"):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    if ray.is_initialized():
-        if address is not None or not _LOCAL or _LOCAL["cpus"] >= cpus:
-            return ray
-        ray.shutdown()  # a larger group than this local instance was sized for
-    options = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    if address is None:
-        ray.init(address="local", num_cpus=cpus, num_gpus=None if device == "cuda" else 0,
-                 object_store_memory=128 << 20, **options)
-        _LOCAL["cpus"] = cpus
-    else:
-        ray.init(address=address, **options)
+    with _INIT:
+        if ray.is_initialized():
+            if address is not None or not _LOCAL or _LOCAL["cpus"] >= cpus:
+                return ray
+            ray.shutdown()  # a larger group than this local instance was sized for
+        options = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        if address is None:
+            ray.init(address="local", num_cpus=cpus, num_gpus=None if device == "cuda" else 0,
+                     object_store_memory=128 << 20, **options)
+            _LOCAL["cpus"] = cpus
+        else:
+            ray.init(address=address, **options)
     return ray
+
+
+def start_in_background(address: str | None, cpus: int, device: str = "cpu") -> threading.Thread:
+    """ensure_ray on a daemon thread. A failure there is not reported: the rank group's own ensure_ray (which
+    waits for this one through _INIT) tries again and raises it where a check can name it. The thread then
+    stays parked for the process's life: a local instance's node processes get the parent-death signal
+    (PR_SET_PDEATHSIG) when the *thread* that started them ends (measured: the GCS died, every later ray call
+    failed to connect)."""
+    def start() -> None:
+        try:
+            ensure_ray(address, cpus, device)
+        except Exception:  # noqa: BLE001 - reported by the rank group's own call
+            return
+        threading.Event().wait()
+
+    thread = threading.Thread(target=start, name="harness-ray-start", daemon=True)
+    thread.start()
+    return thread
 
 
 def _tail(path: Path) -> str:
