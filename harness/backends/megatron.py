@@ -327,11 +327,10 @@ class MegatronBackend(Backend):
         return config_parsing.measure(hf_config.to_dict(), kwargs, absent, template.config_hf_to_mca, built)
 
     def op_roundtrip(self, dir: str, template: str | None = None) -> dict[str, Any]:  # noqa: A002
-        from ..checks.roundtrip import measure_roundtrip
-        from ..convert.refit import load_hf_state
+        from ..checks.roundtrip import measure_roundtrip_files
 
         hf_config, template, kwargs, absent, view = self._template_and_view(dir, template)
-        measurement = measure_roundtrip(load_hf_state(dir), template, view)
+        measurement = measure_roundtrip_files(dir, template, view)
         measurement["expected_shapes"] = self._expected_shapes(view)
         return measurement
 

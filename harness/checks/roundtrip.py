@@ -26,14 +26,20 @@ def tensor_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[list[str], float]:
 
 
 def compare_state_dicts(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return _comparison(list(expected), {name: tensor_diff(expected[name], actual[name])
+                                        for name in actual if name in expected}, set(actual))
+
+
+def _comparison(expected: list[str], diffs: dict[str, tuple[list[str], float]], produced: set[str]) -> dict[str, Any]:
+    """The round trip's verdict input: `diffs` (tensor_diff of every produced tensor the source has)."""
     per_tensor: dict[str, str] = {}
-    max_diff = 0.0
-    for name in sorted(set(expected) - set(actual)):
+    for name in sorted(set(expected) - produced):
         per_tensor[name] = "missing after the round trip"
-    for name in sorted(set(actual) - set(expected)):
+    for name in sorted(produced - set(expected)):
         per_tensor[name] = "appeared in the round trip"
-    for name in sorted(set(expected) & set(actual)):
-        problems, diff = tensor_diff(expected[name], actual[name])
+    max_diff = 0.0
+    for name in sorted(set(expected) & produced):
+        problems, diff = diffs[name]
         max_diff = max(max_diff, diff)
         if problems:
             per_tensor[name] = "; ".join(problems)
@@ -41,18 +47,59 @@ def compare_state_dicts(expected: dict[str, torch.Tensor], actual: dict[str, tor
 
 
 def measure_roundtrip(hf_state: dict[str, torch.Tensor], template: Template, view: McaConfigView) -> dict[str, Any]:
-    mca_state, forward = template.hf_to_mca(hf_state, view)
-    back_state, backward = template.mca_to_hf(mca_state, view)
-    # Tensors the template deliberately drops (hf_invalid_keys) are not expected back.
-    kept = {n: t for n, t in hf_state.items() if n not in set(forward.dropped)}
+    """The round trip of an in-memory state dict (see _roundtrip)."""
+    return _roundtrip(hf_state.items(), hf_state.__getitem__, list(hf_state), template, view)
+
+
+def measure_roundtrip_files(in_dir, template: Template, view: McaConfigView) -> dict[str, Any]:
+    """The round trip of an HF checkpoint's files (its index's shards, else every *.safetensors), streamed: each
+    tensor is read when its turn comes, and compared with the file's bytes read again when it returns; only the
+    converters' pending groups (a layer's q/k/v, gate/up) are held, never the model (at the 0.5B shape the
+    whole-dict form held it three times)."""
+    from pathlib import Path
+
+    from ..convert.stream import SourceReader, hf_weight_files
+
+    files = hf_weight_files(Path(in_dir))
+    where = {e.name: (f.path, e) for f in files for e in f.entries}
+    reader = SourceReader([f.path for f in files])
+    try:
+        items = ((e.name, reader.read(f.path, e)) for f in files for e in f.entries)
+        return _roundtrip(items, lambda name: reader.read(*where[name]), list(where), template, view)
+    finally:
+        reader.close()
+
+
+def _roundtrip(items, source, names: list[str], template: Template, view: McaConfigView) -> dict[str, Any]:
+    """HF -> Megatron -> HF, one tensor at a time: every Megatron tensor the forward direction completes goes
+    straight into the reverse direction, and every HF tensor that comes back is compared with `source(name)`.
+    Tensors the template deliberately drops (hf_invalid_keys) are not expected back."""
+    forward, backward = template.converter(view, True), template.converter(view, False)
+    mca_shapes: dict[str, list[int]] = {}
+    mca_dtypes: set[str] = set()
+    diffs: dict[str, tuple[list[str], float]] = {}
+    produced: set[str] = set()
+    known = set(names)
+    for name, tensor in items:
+        for mca_name, mca in forward.add(name, tensor).items():
+            if mca_name in mca_shapes:  # produced twice: a forward problem already (the first one goes back)
+                continue
+            mca_shapes[mca_name] = list(mca.shape)
+            mca_dtypes.add(str(mca.dtype))
+            for hf_name, back in backward.add(mca_name, mca).items():
+                produced.add(hf_name)
+                if hf_name in known:
+                    diffs[hf_name] = tensor_diff(source(hf_name), back)
+    forward_report, backward_report = forward.finish(), backward.finish()
+    dropped = set(forward_report.dropped)
     return {
-        "forward": forward.as_dict(),
-        "backward": backward.as_dict(),
-        "forward_problems": forward.problems(),
-        "backward_problems": backward.problems(),
-        "comparison": compare_state_dicts(kept, back_state),
-        "mca_shapes": {name: list(t.shape) for name, t in mca_state.items()},
-        "mca_dtypes": sorted({str(t.dtype) for t in mca_state.values()}),
+        "forward": forward_report.as_dict(),
+        "backward": backward_report.as_dict(),
+        "forward_problems": forward_report.problems(),
+        "backward_problems": backward_report.problems(),
+        "comparison": _comparison([n for n in names if n not in dropped], diffs, produced),
+        "mca_shapes": mca_shapes,
+        "mca_dtypes": sorted(mca_dtypes),
     }
 
 
