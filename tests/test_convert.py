@@ -558,3 +558,20 @@ def test_corrupting_op_fails_bit_exact_and_names_tensor():
     assert v.status == "failed"
     assert "model.layers.0.self_attn.k_proj.weight: bytes differ" in v.reason
     assert judge_consumption(m).status == "passed"  # every tensor was taken: only bit-exact catches it
+
+
+def test_the_round_trips_max_difference_is_exact_in_every_chunk(monkeypatch):
+    """tensor_diff compares a chunk at a time (a real vocabulary's embedding in float64 at once was 3 GB): a
+    difference in any chunk, the last partial one included, is found and exact."""
+    from harness.checks import roundtrip
+
+    monkeypatch.setattr(roundtrip, "CHUNK_ELEMENTS", 7)
+    a = torch.arange(40, dtype=torch.float32).reshape(5, 8)
+    for index, delta in ((0, 1.0), (20, 2.5), (39, 2.0 ** -18)):  # the last: one ulp of 39
+        b = a.clone()
+        b.view(-1)[index] += delta
+        problems, diff = roundtrip.tensor_diff(a, b)
+        assert diff == pytest.approx(abs(float(b.view(-1)[index].double() - a.view(-1)[index].double())), rel=0, abs=0)
+        assert problems and "bytes differ" in problems[0]
+    assert roundtrip.tensor_diff(a, a.clone()) == ([], 0.0)
+    assert roundtrip.max_abs_diff(torch.empty(0), torch.empty(0)) == 0.0
