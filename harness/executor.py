@@ -105,8 +105,9 @@ def prestart(spec=None, device: str = "cpu") -> None:
     """At a rank-group backend's worker start: with the Ray executor, join the cluster or start the local
     instance in the background (ray.init takes ~4 s here), overlapping the worker's imports and its first
     conversion; the first rank group then finds Ray up. Local spawn: nothing to do."""
-    if resolve(spec).kind != "ray":
+    executor = resolve(spec)
+    if executor.kind != "ray":
         return
     from .backends import ray_executor
 
-    ray_executor.start_in_background(resolve(spec).address, group_cpus(spec), device)
+    ray_executor.start_in_background(executor.address, group_cpus(spec), device)
