@@ -1,7 +1,8 @@
 """Every benchmark of the harness in one command: the ratios measured side by side in one run, printed and
 appended to bench/results.md with a description of the machine.
 
-    .venv/bin/python bench/run.py [--only a,b,c,d] [--rounds 1] [--convert-rounds 3] [--full-tests] [--no-append]
+    .venv/bin/python bench/run.py [--only a,b,c,d] [--rounds 1] [--convert-rounds 3] [--full-tests] [--a-full-only]
+                                  [--no-append]
 
 (a) harness / bare backend scripts, goal <= 1.3x: bench/engines.py's comparison (the vLLM checks of the qwen2
     CPU certification through pytest against a bare vLLM script making the same engine calls; wall, vLLM worker
@@ -102,8 +103,10 @@ def ratio(a: float, b: float) -> float | None:
 # ---------------------------------------------------------------- (a)
 
 
-def bench_a(rounds: int, echo) -> list[Figure]:
+def bench_a(rounds: int, echo, full_only: bool = False) -> list[Figure]:
     engines = load("engines")
+    if full_only:  # --a-full-only: the whole-certification figure alone (the vLLM slice is ~7 min more)
+        return bench_a_full(engines, echo)
     work = Path(tempfile.mkdtemp(prefix="bench-run-a-"))
     try:
         spec, plans, cmd, ref_dir = engines.plan_for("qwen2", "float32", False, work)
@@ -366,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="rounds per side for (b), seconds each: medians of 3 by default")
     parser.add_argument("--test-rounds", type=int, default=1, help="rounds per mode for (c) (default 1)")
     parser.add_argument("--full-tests", action="store_true", help="(c): the whole tests/ folder, not the subset")
+    parser.add_argument("--a-full-only", action="store_true",
+                        help="(a): only the whole-certification figure, not the vLLM slice beside it")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file appended to")
     parser.add_argument("--no-append", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -380,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in items:
         t = time.perf_counter()
         if item == "a":
-            figures += bench_a(args.rounds, echo)
+            figures += bench_a(args.rounds, echo, args.a_full_only)
         elif item == "b":
             figures += bench_b(args.convert_rounds, echo)
         elif item == "c":
