@@ -171,6 +171,12 @@ class Tolerance(dict):
         self.records = records
 
 
+def loss_scale(losses) -> float | None:
+    """The magnitude a train row's relative loss bound scales with: the reference's largest |loss| over the steps
+    (the judge and `verify` both derive it here, from the same reference losses)."""
+    return max((abs(loss) for loss in losses or []), default=None)
+
+
 def relative_part(key: str, dtype: str, scale: float | None) -> dict[str, Any] | None:
     """The record's `relative` entry where an fp32 bound scales with the reference's magnitude (RELATIVE)."""
     if dtype not in ("", "float32") or key not in RELATIVE or scale is None:

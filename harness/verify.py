@@ -148,16 +148,15 @@ def check_plan(cert: dict[str, Any], spec) -> None:
 
 
 def _expected_bound(check: dict[str, Any], key: str, bound: dict[str, Any], spec) -> dict[str, Any]:
-    from .tolerances import Calibration, calibration_factor, record
+    from .tolerances import Calibration, calibration_factor, loss_scale, record
 
     calibration = None
     if "calibration" in bound:
         evidence = bound["calibration"]
         calibration = Calibration(evidence["method"], {bound["metric"]: evidence["noise"]},
                                   calibration_factor(check["suite"], key))
-    reference_losses = ((check.get("metrics") or {}).get("loss_curve") or {}).get("reference") or []
-    scale = max((abs(loss) for loss in reference_losses), default=None)  # tolerances.RELATIVE: the train loss
-    return record(key, check["dtype"] or "float32", spec.tolerances, calibration, scale)
+    reference_losses = ((check.get("metrics") or {}).get("loss_curve") or {}).get("reference")
+    return record(key, check["dtype"] or "float32", spec.tolerances, calibration, loss_scale(reference_losses))
 
 
 def check_bounds(check: dict[str, Any], spec) -> None:

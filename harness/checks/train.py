@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..tolerances import TRAIN_METRICS, Calibration, Tolerance, calibration_factor, resolve
+from ..tolerances import TRAIN_METRICS, Calibration, Tolerance, calibration_factor, loss_scale, resolve
 from ..verdict import Verdict, from_problems
 from .localize import first_diverging_gradient
 
@@ -154,8 +154,7 @@ def evaluate(reference: dict[str, Any], result: dict[str, Any], dtype: str, spec
     if dtype != "float32":
         calibration = Calibration(CALIBRATION_METHOD, worst_noise(noise or []), FACTOR)
     # fp32: the loss bound's relative part scales with the reference's loss (tolerances.RELATIVE)
-    scale = max((abs(loss) for loss in reference["losses"]), default=None)
-    tolerance = resolve(dtype, spec_tolerances, TRAIN_METRICS, calibration, scale)
+    tolerance = resolve(dtype, spec_tolerances, TRAIN_METRICS, calibration, loss_scale(reference["losses"]))
     extra, extra_metrics = [], {}
     if own_routing is not None:
         routed = _routing_verdict(own_routing, result.get("routing"), sequences, dtype, spec_tolerances, where)
