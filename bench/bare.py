@@ -643,11 +643,11 @@ def megatron_rank(rank, world, port, job):
 
 # ---------------------------------------------------------------- deepspeed backend
 def ds_config(stage, dtype, hidden):
-    zero = {"stage": stage, "memory_efficient_linear": False, "reduce_bucket_size": hidden * hidden}  # HF's "auto"
+    zero = {"stage": stage, "reduce_bucket_size": hidden * hidden}  # HF's "auto"
     if stage == 3:
         zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden * hidden), stage3_param_persistence_threshold=10 * hidden,
                     stage3_max_live_parameters=32 * hidden * hidden,  # the harness's LIVE_LAYERS (2) x 16 h^2
-                    stage3_max_reuse_distance=32 * hidden * hidden)
+                    stage3_max_reuse_distance=32 * hidden * hidden, sub_group_size=32 * hidden * hidden)
     return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
             "optimizer": {"type": "AdamW", "params": {**OPTIMIZER, "betas": list(OPTIMIZER["betas"]), "torch_adam": True}},
             "zero_optimization": zero, "bf16": {"enabled": dtype == "bfloat16"},

@@ -80,6 +80,23 @@ def test_deepspeed_planted_bug_fails(tmp_path, plugin, tied, expected):
 
 
 @pytest.mark.skipif(needs["deepspeed"], reason="deepspeed not installed")
+@pytest.mark.parametrize("plugin, expected", [
+    (None, None),  # the correct template: bf16 ZeRO-3 rounds its own way, and passes
+    ("loss_summed.py", "first-step gradient of"),
+    ("label_shift.py", "loss differs"),
+])
+def test_deepspeed_zero3_bf16_planted_bug_fails(tmp_path, plugin, expected):
+    """ZeRO-3 runs F.linear through DeepSpeed's memory-efficient autograd function (as ROLL's configs leave it:
+    the bias added after the matmul, a bf16 rounding of its own): still no false alarm, still every bug found."""
+    verdict = _run(tmp_path, _spec(tmp_path, plugin), "deepspeed", dtype="bfloat16", stage=3, world=2)
+    if plugin is None:
+        assert verdict.status == "passed", verdict.reason
+        return
+    assert verdict.status == "failed"
+    assert expected in verdict.reason, verdict.reason
+
+
+@pytest.mark.skipif(needs["deepspeed"], reason="deepspeed not installed")
 def test_plugin_registered_model_class_trains_like_a_builtin(tmp_path):
     spec = _spec(tmp_path, "custom_model.py", hf_model_type="tinycustom", backends={"train": ["deepspeed"],
                                                                                     "infer": ["hf"]})

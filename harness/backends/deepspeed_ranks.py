@@ -16,16 +16,22 @@ def _config(stage: int, dtype: str, hidden_size: int) -> dict:
     # the bucket sizes transformers' DeepSpeed integration gives "auto" (HfTrainerDeepSpeedConfig), which ROLL's
     # strategy configs use; DeepSpeed's own defaults (5e8 elements: 2 GB fp32 buffers per rank) do not fit a real
     # shape beside two ranks on 24 GiB. Bucketing groups the reductions; each element's sum is the same.
-    zero = {"stage": stage, "memory_efficient_linear": False,  # ZeRO-3 would otherwise replace F.linear globally
-            "reduce_bucket_size": hidden_size * hidden_size}
+    # memory_efficient_linear stays DeepSpeed's default (on), as ROLL's ZeRO-3 configs leave it: ZeRO-3 then runs
+    # F.linear through its own autograd function, which saves the parameter rather than a view of the gathered
+    # weight, so a layer's gathered weights are released after its forward (off: the whole model stays gathered
+    # on every rank until the backward, +1.8 GiB a rank at Qwen2.5-0.5B's shape)
+    zero = {"stage": stage, "reduce_bucket_size": hidden_size * hidden_size}
     if stage == 3:
         live = LIVE_LAYERS * 16 * hidden_size * hidden_size
         # max live / reuse distance: DeepSpeed's 1e9 elements keep every gathered parameter of a model under 1e9
         # through the backward (the whole model again on each rank); a few layers' worth is released after use and
-        # gathered again. Where a parameter lives changes no value it takes.
+        # gathered again. sub_group_size: the optimizer steps its fp32 partition in groups of this many elements;
+        # torch's AdamW makes two temporaries the size of a group (DeepSpeed's 1e9: the whole partition, +2.8 GiB a
+        # rank at 0.5B). Where a parameter lives, or which group steps it, changes no value it takes (Adam is
+        # elementwise; no clipping).
         zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
                     stage3_param_persistence_threshold=10 * hidden_size,
-                    stage3_max_live_parameters=live, stage3_max_reuse_distance=live)
+                    stage3_max_live_parameters=live, stage3_max_reuse_distance=live, sub_group_size=live)
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
