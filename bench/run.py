@@ -159,6 +159,12 @@ def bench_a_full(engines, echo, model: str = "qwen2") -> list[Figure]:
         trainers_s = replay["wall_s"]  # its replay, the backends' worker starts included (its sanity check not)
         sanity = replay.get("sanity", {})
         echo(f"    {trainers_s:.0f} s; sanity {json.dumps(sanity)}")
+        printed = bare.stdout.splitlines()
+        table = next((i for i, line in enumerate(printed) if line.startswith("backend.op")), len(printed))
+        echo("\n".join("    " + line for line in printed[table:] if line and not line.startswith("wall ")))
+        # where the gap is: each backend's busy time, bare vs harness (the same calls)
+        gaps = ", ".join(f"{b} {replay['backends'][b]['busy_s']:.0f} vs {replay['harness_backends'][b]['busy_s']:.0f} s"
+                         for b in sorted(replay["backends"]) if b in replay.get("harness_backends", {}))
         spec, plans, _, ref_dir = engines.plan_for(model, "float32", True, work)
         for dtype in spec.dtypes[1:]:  # config and registration run once, on the first dtype's engine
             extra = engines.build_plan(spec, dtype, ref_dir, spec_vocab(ref_dir))
@@ -176,7 +182,8 @@ def bench_a_full(engines, echo, model: str = "qwen2") -> list[Figure]:
     busy = ", ".join(f"{b} {s:.0f} s" for b, s in sorted(by_backend.items()))
     return [Figure("a", label, ratio(harness_s, bare_s), engines.GOAL, regime="wall, one round, both dtypes",
                    note=f"{harness_s:.0f} s harness ({len(calls)} worker calls; busy: {busy}) vs {bare_s:.0f} s bare "
-                        f"(HF + Megatron + DeepSpeed {trainers_s:.0f} s, vLLM {vllm_s:.0f} s); {tail}",
+                        f"(HF + Megatron + DeepSpeed {trainers_s:.0f} s, vLLM {vllm_s:.0f} s; busy bare vs harness: "
+                        f"{gaps}); {tail}",
                    detail={"sanity": sanity})]
 
 
