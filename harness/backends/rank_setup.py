@@ -7,7 +7,6 @@ no GPU of its own raises: a rank never falls back to the CPU silently.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -29,26 +28,6 @@ class Placement:
         return self.backend == "nccl"
 
 
-# glibc's mallopt parameter (malloc.h) and the block size from which a rank's allocations get pages of their own
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 256 << 10
-
-
-def return_freed_blocks_to_os() -> bool:
-    """Fix glibc's mmap threshold so every block of 256 KiB or more is mapped on its own and unmapped when freed.
-
-    By default glibc raises the threshold to the largest block freed so far (up to 32 MiB): after the first
-    gathered parameter is freed, later ones (tens of MiB at a real shape) come from the heap, and the holes they
-    leave between longer-lived blocks stay resident. At Qwen2.5-0.5B's shape a ZeRO-3 rank's resident memory grew
-    by ~2 GiB a step that way. Values are unaffected: only where the bytes live. False where there is no glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-
-
 def init_rank(rank: int, world: int, port: int, device: str = "cpu",
               init: Callable[[str], None] | None = None, local_rank: int | None = None,
               master_addr: str | None = None) -> Placement:
@@ -59,7 +38,6 @@ def init_rank(rank: int, world: int, port: int, device: str = "cpu",
     """
     import torch
 
-    return_freed_blocks_to_os()
     local = int(os.environ.get(LOCAL_RANK_ENV, rank)) if local_rank is None else local_rank
     master_addr = master_addr or os.environ.get(MASTER_ADDR_ENV, "127.0.0.1")
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(local),
