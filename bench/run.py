@@ -2,7 +2,7 @@
 appended to bench/results.md with a description of the machine.
 
     .venv/bin/python bench/run.py [--only a,b,c,d] [--rounds 1] [--convert-rounds 3] [--full-tests] [--a-full-only]
-                                  [--no-append]
+                                  [--a-keep-report DIR] [--no-append]
 
 (a) harness / bare backend scripts, goal <= 1.3x: bench/engines.py's comparison (the vLLM checks of the qwen2
     CPU certification through pytest against a bare vLLM script making the same engine calls; wall, vLLM worker
@@ -103,10 +103,10 @@ def ratio(a: float, b: float) -> float | None:
 # ---------------------------------------------------------------- (a)
 
 
-def bench_a(rounds: int, echo, full_only: bool = False) -> list[Figure]:
+def bench_a(rounds: int, echo, full_only: bool = False, keep_report: Path | None = None) -> list[Figure]:
     engines = load("engines")
     if full_only:  # --a-full-only: the whole-certification figure alone (the vLLM slice is ~7 min more)
-        return bench_a_full(engines, echo)
+        return bench_a_full(engines, echo, keep_report=keep_report)
     work = Path(tempfile.mkdtemp(prefix="bench-run-a-"))
     try:
         spec, plans, cmd, ref_dir = engines.plan_for("qwen2", "float32", False, work)
@@ -121,11 +121,11 @@ def bench_a(rounds: int, echo, full_only: bool = False) -> list[Figure]:
         figures.append(Figure("a", f"vLLM slice of the qwen2 CPU certification, {name[4:]}", ratio(h, b),
                               engines.GOAL, regime=f"median of {rounds} round(s), fp32",
                               note=f"{h:.1f} s harness vs {b:.1f} s bare"))
-    figures += bench_a_full(engines, echo)
+    figures += bench_a_full(engines, echo, keep_report=keep_report)
     return figures
 
 
-def bench_a_full(engines, echo, model: str = "qwen2") -> list[Figure]:
+def bench_a_full(engines, echo, model: str = "qwen2", keep_report: Path | None = None) -> list[Figure]:
     """The whole CPU certification (`pytest --model qwen2`, every backend) / the sum of the bare scripts making the
     same calls: bench/bare.py replays the run's own call log (CERTIFY_CALL_LOG) for HF, Megatron and DeepSpeed,
     bench/engines.py's bare vLLM script makes the vLLM calls, one engine per dtype as the harness starts them."""
@@ -145,6 +145,9 @@ def bench_a_full(engines, echo, model: str = "qwen2") -> list[Figure]:
         tail = (proc.stdout.strip().splitlines() or [""])[-1]
         echo(f"    {harness_s:.0f} s, exit {proc.returncode}: {tail}")
         calls = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        if keep_report is not None and (work / "reports" / model).is_dir():  # the timed run's certificate
+            shutil.copytree(work / "reports" / model, keep_report, dirs_exist_ok=True)
+            echo(f"    its certificate: {keep_report}")
         if proc.returncode not in (0, 1) or not calls:
             return [Figure("a", label, None, engines.GOAL, note=f"not measured: the harness run exited "
                                                                 f"{proc.returncode} with {len(calls)} calls logged")]
@@ -378,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-tests", action="store_true", help="(c): the whole tests/ folder, not the subset")
     parser.add_argument("--a-full-only", action="store_true",
                         help="(a): only the whole-certification figure, not the vLLM slice beside it")
+    parser.add_argument("--a-keep-report", type=Path, default=None, metavar="DIR",
+                        help="(a): keep the timed certification's report folder (certificate, pages) in DIR")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file appended to")
     parser.add_argument("--no-append", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -392,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in items:
         t = time.perf_counter()
         if item == "a":
-            figures += bench_a(args.rounds, echo, args.a_full_only)
+            figures += bench_a(args.rounds, echo, args.a_full_only, args.a_keep_report)
         elif item == "b":
             figures += bench_b(args.convert_rounds, echo)
         elif item == "c":
