@@ -71,8 +71,8 @@ def _runs(workflow: dict) -> str:
     return "\n".join(step.get("run", "") for _job, step in _steps(workflow))
 
 
-def test_the_workflows_are_the_gate_gpu_and_publish_ones():
-    assert [p.name for p in WORKFLOW_FILES] == ["gpu.yml", "pr-gate.yml", "publish.yml"]
+def test_the_workflows_are_the_gate_gpu_publish_and_real_shape_ones():
+    assert [p.name for p in WORKFLOW_FILES] == ["gpu.yml", "pr-gate.yml", "publish.yml", "real-shape.yml"]
 
 
 BARE_PYTHON = re.compile(r"(?<![\w./-])(python3?|pip3?|pytest)(?![\w.-])")
@@ -199,3 +199,22 @@ def test_ci_requires_the_backends_it_exists_to_exercise(tmp_path):
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                           str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "1 skipped" in run.stdout, run.stdout[-2000:]
+
+
+def test_real_shape_nightly_certifies_the_05b_spec_and_requires_its_verdict():
+    """The 0.5B-shape certification (too long for the PR gate) runs nightly on a 24 GiB CPU runner; a certificate
+    failed on its resource bound alone fails the job too."""
+    wf = _load("real-shape.yml")
+    assert "workflow_dispatch" in wf["on"] and wf["on"]["schedule"][0]["cron"]
+    (job,) = wf["jobs"].values()
+    assert job["runs-on"] == ["self-hosted", "cpu-24g"]
+    spec = REPO / job["env"]["SPEC"]
+    assert spec.is_file() and yaml.safe_load(spec.read_text())["peak_rss_bound"], spec
+    assert job["env"]["CERTIFICATE"] == f"reports/{yaml.safe_load(spec.read_text())['name']}/certificate.json"
+    runs = _runs(wf)
+    order = ['.venv/bin/pytest --model-spec "$SPEC"', '-m harness verify "$CERTIFICATE" --spec "$SPEC"',
+             '!= "certified"', "GITHUB_STEP_SUMMARY"]
+    positions = [runs.find(marker) for marker in order]
+    assert -1 not in positions and positions == sorted(positions), dict(zip(order, positions))
+    assert any(s.get("uses", "").startswith("actions/upload-artifact@") for _j, s in _steps(wf))
+    assert "cpu-24g" in yaml.safe_load(ACTIONLINT_CONFIG.read_text())["self-hosted-runner"]["labels"]
