@@ -153,8 +153,8 @@ def gate(certificate: dict[str, Any]) -> tuple[bool, str]:
 
     Evidence or nothing: every check a CPU runner can run (scope "cpu", declared by its backend) must
     have passed or be not_applicable by design; a not_run or error row fails the gate as surely as a
-    failed one (a backend that did not install leaves not_run rows behind). GPU-scope rows are
-    left to gpu.yml and named in the message.
+    failed one (a backend that did not install leaves not_run rows behind), and so does a failed
+    resource bound (`peak_rss_bound`). GPU-scope rows are left to gpu.yml and named in the message.
     """
     model = certificate.get("model", "?")
     checks = certificate.get("checks") or []
@@ -168,6 +168,9 @@ def gate(certificate: dict[str, Any]) -> tuple[bool, str]:
         more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
         return False, (f"{model}: {len(bad)} CPU check(s) without a pass: {first.get('id')} "
                        f"{first.get('status')}{': ' + reason[0][:200] if reason else ''}{more}")
+    bound = (certificate.get("resources") or {}).get("bound") or {}
+    if bound.get("status") == "failed":  # the spec's peak-RSS bound is judged on this CPU run too
+        return False, f"{model}: peak RSS over the spec's bound: {bound.get('reason', '')}"
     gpu = [c for c in checks if c.get("scope") == "gpu" and c.get("status") != "passed"]
     note = f"; {len(gpu)} GPU-scope check(s) left to gpu.yml" if gpu else ""
     return True, f"{model}: CPU scope certified ({len(cpu)} checks){note} — {certificate.get('summary', '')}"

@@ -169,6 +169,16 @@ def test_gate_passes_a_certified_cpu_scope_and_names_what_is_left_to_the_gpu_wor
     assert ok and "CPU scope certified (2 checks); 1 GPU-scope check(s) left to gpu.yml" in message
 
 
+def test_gate_fails_a_certificate_over_its_resource_bound():
+    """Every row passed, the spec's peak-RSS bound did not: the verdict is failed, and so is the gate."""
+    cert = _cert(("hf", "hf", "passed", "cpu"), ("train", "deepspeed", "passed", "cpu"))
+    cert["resources"] = {"bound": {"status": "failed", "reason": "deepspeed peaked at 16.13 GiB > 14.88 GiB"}}
+    ok, message = gate(cert)
+    assert not ok and message == "m: peak RSS over the spec's bound: deepspeed peaked at 16.13 GiB > 14.88 GiB"
+    cert["resources"]["bound"] = {"status": "passed", "reason": "worst deepspeed at 13.70 GiB"}
+    assert gate(cert)[0]
+
+
 def test_gate_fails_a_certificate_with_nothing_in_the_cpu_scope():
     ok, message = gate(_cert(("logits", "sglang", "not_run", "gpu")))
     assert not ok and "nothing was proven here" in message

@@ -208,12 +208,12 @@ def test_real_shape_nightly_certifies_the_05b_spec_and_requires_its_verdict():
     assert "workflow_dispatch" in wf["on"] and wf["on"]["schedule"][0]["cron"]
     (job,) = wf["jobs"].values()
     assert job["runs-on"] == ["self-hosted", "cpu-24g"]
-    spec = REPO / job["env"]["SPEC"]
-    assert spec.is_file() and yaml.safe_load(spec.read_text())["peak_rss_bound"], spec
-    assert job["env"]["CERTIFICATE"] == f"reports/{yaml.safe_load(spec.read_text())['name']}/certificate.json"
+    spec = yaml.safe_load((REPO / job["env"]["SPEC"]).read_text())
+    assert spec["peak_rss_bound"], job["env"]["SPEC"]
+    assert job["env"]["CERTIFICATE"] == f"reports/{spec['name']}/certificate.json"
     runs = _runs(wf)
     order = ['.venv/bin/pytest --model-spec "$SPEC"', '-m harness verify "$CERTIFICATE" --spec "$SPEC"',
-             '!= "certified"', "GITHUB_STEP_SUMMARY"]
+             '-m harness.ci_select --gate "$CERTIFICATE"', "GITHUB_STEP_SUMMARY"]
     positions = [runs.find(marker) for marker in order]
     assert -1 not in positions and positions == sorted(positions), dict(zip(order, positions))
     assert any(s.get("uses", "").startswith("actions/upload-artifact@") for _j, s in _steps(wf))
